@@ -1,0 +1,3 @@
+"""edge_effnet: EfficientNet from the paper to the device."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,123 @@
+"""The `edge-effnet` command line. Each command parses, validates and calls one library function.
+
+Heavy imports (tensorflow, keras, onnx) live inside command bodies so `--help`
+and `variants` stay instant and TensorFlow-free.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from . import __version__
+from .errors import UserError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
+
+
+class Group(click.Group):
+    """Reports every user error as one line on stderr with a non-zero exit code."""
+
+    def main(self, *args, **kwargs):
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("edge-effnet: aborted", err=True)
+            sys.exit(130)
+        except click.ClickException as exc:
+            click.echo(f"edge-effnet: error: {exc.format_message()}", err=True)
+            sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+        except UserError as exc:
+            click.echo(f"edge-effnet: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("edge-effnet: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edge-effnet")
+def main():
+    """EfficientNet from the paper to the device: build, export, benchmark."""
+
+
+def model_options(f):
+    """--variant | --phi [--alpha --beta --gamma] | --width --depth --resolution."""
+    opts = [
+        click.option("--variant", help="b0..b7, b8, l2, lite0..lite4, edgetpu-s/m/l (see `edge-effnet variants`)."),
+        click.option("--phi", type=float, help="Compound coefficient: depth=alpha^phi, width=beta^phi, "
+                                              "resolution=224*gamma^phi."),
+        click.option("--alpha", type=float, help="Depth base for --phi (default 1.2)."),
+        click.option("--beta", type=float, help="Width base for --phi (default 1.1)."),
+        click.option("--gamma", type=float, help="Resolution base for --phi (default 1.15)."),
+        click.option("--width", type=float, help="Explicit width multiplier."),
+        click.option("--depth", type=float, help="Explicit depth multiplier."),
+        click.option("--resolution", type=int, help="Input resolution (overrides the variant's)."),
+        click.option("--family", type=click.Choice(["efficientnet", "lite", "edgetpu"]),
+                     help="Family for --phi or --width/--depth (default efficientnet)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def spec_from(opts: dict):
+    from .variants import resolve_spec
+
+    return resolve_spec(**{k: opts.pop(k) for k in
+                           ("variant", "phi", "alpha", "beta", "gamma", "width", "depth", "resolution", "family")})
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def variants(as_json):
+    """List the known variants with their exact parameter and MAC counts."""
+    from .scaling import count_macs, count_params
+    from .variants import all_variants
+
+    rows = [dict(name=s.name, family=s.family, width=s.width, depth=s.depth, resolution=s.resolution,
+                 dropout=s.dropout, num_classes=s.num_classes, params=count_params(s), macs=count_macs(s))
+            for s in all_variants()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    click.echo(f"{'name':<10} {'family':<12} {'width':>5} {'depth':>5} {'res':>4} {'dropout':>7} "
+               f"{'classes':>7} {'params':>12} {'MACs':>8}")
+    for r in rows:
+        click.echo(f"{r['name']:<10} {r['family']:<12} {r['width']:>5g} {r['depth']:>5g} {r['resolution']:>4} "
+                   f"{r['dropout']:>7g} {r['num_classes']:>7} {r['params']:>12,} {r['macs'] / 1e9:>7.3f}B")
+
+
+@main.command()
+@model_options
+@click.option("--num-classes", type=click.IntRange(min=1), help="Classifier size (default: the family's).")
+@click.option("--no-top", is_flag=True, help="Leave out pooling + classifier (feature extractor).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Fix the batch dimension (exports use 1).")
+@click.option("--weights", default="none", show_default=True,
+              help="none | imagenet | PATH (.h5 / .weights.h5) | torch:PATH.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="OUT.keras")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def build(num_classes, no_top, batch_size, weights, output, force, **opts):
+    """Build a model and save it as a .keras file; prints params, MACs, resolution."""
+    from .fsutil import check_output
+    from .scaling import count_macs, count_params
+    from .weights import check_weights_arg
+
+    spec = spec_from(opts)
+    if not output.endswith(".keras"):
+        raise UserError(f"output must end in .keras (got {output})")
+    check_output(output, force)
+    check_weights_arg(weights, spec)
+    from .models import build_and_save
+
+    build_and_save(spec, output, weights=weights, num_classes=num_classes, include_top=not no_top,
+                   batch_size=batch_size)
+    classes = spec.num_classes if num_classes is None else num_classes
+    click.echo(f"wrote {output}: {spec.name} ({spec.family}), resolution {spec.resolution}, "
+               f"params {count_params(spec, not no_top, classes):,}, "
+               f"MACs {count_macs(spec, not no_top, classes) / 1e9:.3f}B, weights {weights}")

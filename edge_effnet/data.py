@@ -1,0 +1,142 @@
+"""Images in, model-ready pixels out: folders, .npy arrays, calibration sets.
+
+numpy + pillow only (no TensorFlow): the Raspberry Pi classifier uses the same
+preprocessing as the exporter. Every model here takes raw RGB pixels 0..255;
+normalization lives inside the exported graph.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from .errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+CROP_PADDING = 32  # official eval: center crop of res / (res + 32) of the short side, bicubic
+
+
+def find_images(folder: str) -> list[str]:
+    """Image files under `folder`, searched recursively, in a stable order."""
+    if not os.path.isdir(folder):
+        raise UserError(f"not a folder: {folder}")
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        found.extend(os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS))
+    return found
+
+
+def center_crop_resize(img, resolution: int, crop_fraction: float | None = None) -> np.ndarray:
+    """PIL image -> uint8 (resolution, resolution, 3): square center crop, bicubic resize."""
+    from PIL import Image
+
+    img = img.convert("RGB")  # grayscale, palette and RGBA all become RGB
+    if crop_fraction is None:
+        crop_fraction = resolution / (resolution + CROP_PADDING)
+    w, h = img.size
+    side = max(1, int(round(min(w, h) * crop_fraction)))
+    left, top = (w - side) // 2, (h - side) // 2
+    img = img.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_image(path: str, resolution: int, crop_fraction: float | None = None) -> np.ndarray:
+    """One image file as model input pixels; UserError if it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return center_crop_resize(img, resolution, crop_fraction)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise UserError(f"cannot read image {path}: {exc}") from None
+
+
+def progress(items, label: str, total: int | None = None):
+    """A progress bar on stderr (click's) for long loops."""
+    import click
+
+    return click.progressbar(items, label=label, length=total, file=sys.stderr, show_pos=True)
+
+
+def load_images(paths: list[str], resolution: int, label: str = "reading images",
+                crop_fraction: float | None = None) -> tuple[np.ndarray, list[str], list[str]]:
+    """Read `paths`; unreadable files are skipped and returned in the third element."""
+    arrays, used, skipped = [], [], []
+    with progress(paths, label) as bar:
+        for path in bar:
+            try:
+                arrays.append(load_image(path, resolution, crop_fraction))
+                used.append(path)
+            except UserError:
+                skipped.append(path)
+    batch = np.stack(arrays) if arrays else np.zeros((0, resolution, resolution, 3), np.uint8)
+    return batch, used, skipped
+
+
+def resize_batch(array: np.ndarray, resolution: int) -> np.ndarray:
+    """(N, H, W, 3) pixels of any size -> (N, resolution, resolution, 3) uint8, center-cropped."""
+    from PIL import Image
+
+    if array.shape[1:3] == (resolution, resolution):
+        return np.clip(array, 0, 255).astype(np.uint8)
+    return np.stack([center_crop_resize(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)), resolution, 1.0)
+                     for a in array])
+
+
+def load_npy(path: str, resolution: int) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path} as a .npy array: {exc}") from None
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise UserError(f"{path}: expected an array of RGB images (N, H, W, 3), got shape {array.shape}")
+    if np.issubdtype(array.dtype, np.floating) and array.size and array.max() <= 1.0:
+        array = array * 255.0  # 0..1 floats -> pixels
+    return resize_batch(array, resolution)
+
+
+def synthetic_images(count: int, resolution: int, seed: int = 0) -> np.ndarray:
+    """Smooth random colour fields: a stand-in when the user gives no calibration images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(count, 8, 8, 3), dtype=np.uint8)
+    return np.stack([np.asarray(Image.fromarray(s).resize((resolution, resolution), Image.BICUBIC)) for s in small])
+
+
+def calibration_set(source: str | None, resolution: int, count: int = 100, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """Images for quantization calibration / self-checks, and a record of where they came from.
+
+    `source` is a folder (searched recursively) or a .npy array; None means synthetic images,
+    recorded as such so callers can say that accuracy is then unknown.
+    """
+    if count < 1:
+        raise UserError(f"the number of calibration images must be >= 1 (got {count})")
+    if source is None:
+        return synthetic_images(count, resolution, seed), {"source": "synthetic", "count": count, "skipped": 0,
+                                                           "synthetic": True}
+    if os.path.isfile(source) and source.lower().endswith(".npy"):
+        array = load_npy(source, resolution)
+        if len(array) == 0:
+            raise UserError(f"{source} holds no images")
+        return array[:count], {"source": os.path.abspath(source), "count": min(count, len(array)), "skipped": 0,
+                               "synthetic": False}
+    if not os.path.isdir(source):
+        raise UserError(f"calibration source {source} is neither a folder nor a .npy file")
+    paths = find_images(source)
+    if not paths:
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {source}")
+    if len(paths) > count:  # an even spread over the folder, not just its first subfolder
+        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, count).round().astype(int)]
+    array, used, skipped = load_images(paths, resolution, "reading calibration images")
+    if not used:
+        raise UserError(f"none of the {len(paths)} images in {source} could be read")
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable image(s) in {source}, e.g. {skipped[0]}", file=sys.stderr)
+    return array, {"source": os.path.abspath(source), "count": len(used), "skipped": len(skipped),
+                   "synthetic": False}

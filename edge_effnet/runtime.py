@@ -1,0 +1,205 @@
+"""Open an exported model in a runtime and run it on raw RGB pixels.
+
+For a .tflite file only numpy and the interpreter are imported (ai-edge-litert,
+else tflite-runtime, else tf.lite), so this module works on a Raspberry Pi with
+`pip install edge-effnet[runtime]` and nothing else. Never import tensorflow or
+keras at module level here.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from .errors import UserError
+
+TFLITE_BACKENDS = ("litert", "tflite-runtime", "tf-lite")
+BACKENDS = ("auto",) + TFLITE_BACKENDS + ("onnxruntime", "keras")
+
+
+def backend_for(path: str, backend: str = "auto") -> str:
+    ext = os.path.splitext(path)[1].lower()
+    if backend != "auto":
+        allowed = {".tflite": TFLITE_BACKENDS, ".onnx": ("onnxruntime",), ".keras": ("keras",)}.get(ext, ())
+        if backend not in allowed:
+            raise UserError(f"backend {backend!r} cannot run {ext or 'this'} files ({path})")
+        return backend
+    if ext == ".tflite":
+        for name, module in (("litert", "ai_edge_litert"), ("tflite-runtime", "tflite_runtime")):
+            try:
+                __import__(module)
+                return name
+            except ImportError:
+                continue
+        return "tf-lite"
+    if ext == ".onnx":
+        return "onnxruntime"
+    if ext == ".keras":
+        return "keras"
+    raise UserError(f"unsupported model file {path}: expected .tflite, .onnx or .keras")
+
+
+def _tflite_interpreter_class(backend: str):
+    try:
+        if backend == "litert":
+            from ai_edge_litert.interpreter import Interpreter
+            import ai_edge_litert as mod
+        elif backend == "tflite-runtime":
+            from tflite_runtime.interpreter import Interpreter
+            import tflite_runtime as mod
+        else:
+            from .models import import_keras
+
+            import_keras()
+            import tensorflow as mod
+            Interpreter = mod.lite.Interpreter
+    except ImportError as exc:
+        raise UserError(f"backend {backend} is not installed ({exc}); "
+                        "pip install 'edge-effnet[runtime]' gives ai-edge-litert") from None
+    return Interpreter, getattr(mod, "__version__", "unknown")
+
+
+_MISSING_OP = re.compile(r"Didn't find op for builtin opcode '(\w+)' version '(\d+)'")
+
+
+def _open_error(path: str, backend: str, exc: Exception) -> UserError:
+    text = str(exc)
+    missing = _MISSING_OP.search(text)
+    if missing:
+        return UserError(f"{backend} cannot run {path}: op {missing.group(1)} version {missing.group(2)} "
+                         "is newer than this runtime knows; upgrade the runtime or re-export")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return UserError(f"{backend} cannot open {path}: {first}")
+
+
+class Runner:
+    """A loaded model: `inputs`/`outputs` describe tensors; `run(x)` feeds raw tensors."""
+
+    backend: str
+    version: str
+    inputs: list[dict]
+    outputs: list[dict]
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.inputs[0]["shape"])
+
+    def classify(self, pixels: np.ndarray) -> np.ndarray:
+        """Float scores for a batch-1 image of raw RGB pixels (H, W, 3) or (1, H, W, 3), 0..255."""
+        x = np.asarray(pixels, dtype=np.float32)
+        if x.ndim == 3:
+            x = x[None]
+        spec = self.inputs[0]
+        dtype = np.dtype(spec["dtype"])
+        if spec.get("layout") == "nchw":
+            x = x.transpose(0, 3, 1, 2)
+        if np.issubdtype(dtype, np.integer):
+            scale, zero = spec.get("scale") or 1.0, spec.get("zero_point") or 0
+            info = np.iinfo(dtype)
+            x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
+        else:
+            x = x.astype(dtype)
+        y = self.run(x)
+        out = self.outputs[0]
+        if np.issubdtype(y.dtype, np.integer):
+            y = (y.astype(np.float32) - (out.get("zero_point") or 0)) * (out.get("scale") or 1.0)
+        return y.reshape(-1).astype(np.float32)
+
+
+class TFLiteRunner(Runner):
+    def __init__(self, path: str, backend: str, num_threads: int = 1):
+        Interpreter, self.version = _tflite_interpreter_class(backend)
+        self.backend, self.path = backend, path
+        try:
+            self.interpreter = Interpreter(model_path=path, num_threads=num_threads)
+            self.interpreter.allocate_tensors()
+        except Exception as exc:  # the interpreters raise ValueError/RuntimeError with C++ text
+            raise _open_error(path, backend, exc) from None
+        self.inputs = [self._describe(d) for d in self.interpreter.get_input_details()]
+        self.outputs = [self._describe(d) for d in self.interpreter.get_output_details()]
+        self._in = self.interpreter.get_input_details()[0]["index"]
+        self._out = self.interpreter.get_output_details()[0]["index"]
+
+    @staticmethod
+    def _describe(d: dict) -> dict:
+        scale, zero = d.get("quantization", (0.0, 0))
+        return {"name": d["name"], "shape": [int(v) for v in d["shape"]], "dtype": np.dtype(d["dtype"]).name,
+                "scale": float(scale) or None, "zero_point": int(zero) if scale else None}
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        self.interpreter.set_tensor(self._in, x)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self._out).copy()
+
+
+class OnnxRunner(Runner):
+    def __init__(self, path: str, num_threads: int = 1):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError("onnxruntime is not installed: pip install 'edge-effnet[onnx]'") from None
+        self.backend, self.version, self.path = "onnxruntime", ort.__version__, path
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = num_threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise _open_error(path, "onnxruntime", exc) from None
+        self.inputs = [self._describe(i) for i in self.session.get_inputs()]
+        self.outputs = [self._describe(o) for o in self.session.get_outputs()]
+
+    @staticmethod
+    def _describe(t) -> dict:
+        dtype = {"tensor(float)": "float32", "tensor(uint8)": "uint8", "tensor(int8)": "int8",
+                 "tensor(float16)": "float16"}.get(t.type, t.type)
+        shape = [d if isinstance(d, int) else -1 for d in t.shape]
+        layout = "nchw" if len(shape) == 4 and shape[1] == 3 and shape[3] != 3 else "nhwc"
+        return {"name": t.name, "shape": shape, "dtype": dtype, "scale": None, "zero_point": None,
+                "layout": layout}
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.outputs[0]["name"]], {self.inputs[0]["name"]: x})[0]
+
+
+class KerasRunner(Runner):
+    def __init__(self, path: str, num_threads: int = 1):
+        from .models import import_keras, load_model_file
+
+        import_keras()
+        import tensorflow as tf
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(num_threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:
+            pass  # already initialised in this process
+        self.backend, self.version, self.path = "keras", tf.__version__, path
+        self.model = load_model_file(path)
+        shape = [1 if d is None else int(d) for d in self.model.inputs[0].shape]
+        self.inputs = [{"name": self.model.inputs[0].name, "shape": shape, "dtype": "float32",
+                        "scale": None, "zero_point": None}]
+        self.outputs = [{"name": "output", "shape": [int(d or 1) for d in self.model.outputs[0].shape],
+                         "dtype": "float32", "scale": None, "zero_point": None}]
+        self._fn = tf.function(lambda x: self.model(x, training=False))
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self._fn(x))
+
+
+def open_model(path: str, backend: str = "auto", num_threads: int = 1) -> Runner:
+    """Load `path` (.tflite, .onnx, .keras) in `backend` with `num_threads` threads."""
+    if not os.path.isfile(path):
+        raise UserError(f"model file not found: {path}")
+    backend = backend_for(path, backend)
+    if backend in TFLITE_BACKENDS:
+        return TFLiteRunner(path, backend, num_threads)
+    if backend == "onnxruntime":
+        return OnnxRunner(path, num_threads)
+    return KerasRunner(path, num_threads)

