@@ -121,3 +121,25 @@ def build(num_classes, no_top, batch_size, weights, output, force, **opts):
     click.echo(f"wrote {output}: {spec.name} ({spec.family}), resolution {spec.resolution}, "
                f"params {count_params(spec, not no_top, classes):,}, "
                f"MACs {count_macs(spec, not no_top, classes) / 1e9:.3f}B, weights {weights}")
+
+
+@main.command("edgetpu-check")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--strict", is_flag=True, help="Exit with code 1 unless every op maps to the Edge TPU.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the report as JSON to OUT.")
+@click.option("--force", is_flag=True, help="Overwrite the --json file if it exists.")
+def edgetpu_check(file, strict, json_out, force):
+    """Pre-flight a .tflite file for the Coral Edge TPU: every op, whether it maps and why not.
+
+    Prints one line per op (version, device, MACs, reason), the first op that would fall back
+    to the CPU and the share of multiply-adds before it. Runs edgetpu_compiler too when it is on PATH.
+    """
+    from .errors import CheckFailed
+    from .export.edgetpu import check, format_report, fully_mapped
+
+    report = check(file, json_out=json_out, force=force)
+    click.echo(format_report(report))
+    if json_out:
+        click.echo(f"wrote {json_out}")
+    if strict and not fully_mapped(report):
+        raise CheckFailed(f"{file} does not map fully to the Edge TPU: {report['verdict']}")
