@@ -203,3 +203,16 @@ LEAKY_RELU                     1          Operation not supported
     failed = parse_compiler_log("Edge TPU Compiler version 16.0.384591198\nERROR: Didn't find op for builtin "
                                 "opcode 'CONV_2D' version '6'.\nInvalid model: m.tflite\nModel could not be parsed\n")
     assert "CONV_2D' version '6'" in failed["error"] and failed["operators"] == []
+
+
+def test_check_imports_no_tensorflow(models):
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    code = ("import sys\nfrom edge_effnet.cli import main\nsys.argv = ['edge-effnet', 'edgetpu-check', %r]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "print('LOADED', sorted({'tensorflow', 'keras', 'numpy'} & set(sys.modules)))" % models["tiny_int8"])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), check=True)
+    assert out.stdout.strip().splitlines()[-1] == "LOADED []"
