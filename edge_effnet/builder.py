@@ -6,6 +6,8 @@ weight files keras.applications uses load into the B-series models unchanged.
 """
 from __future__ import annotations
 
+import sys
+
 import keras
 import numpy as np
 from keras import layers
@@ -99,6 +101,8 @@ def build_model(spec: ModelSpec, *, include_top: bool = True, num_classes: int |
 
     batch_size fixes the batch dimension; exports use 1 so converted graphs are static.
     """
+    # Keras walks the functional graph recursively; l2 (~150 blocks) needs more than the default 1000.
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
     if drop_connect is not None:
         spec = spec.with_options(drop_connect=drop_connect)
     p = plan(spec, resolution)
