@@ -78,6 +78,13 @@ def mbconv(inputs, b: BlockPlan, activation: str):
     return x
 
 
+def set_normalization(layer, mean, variance) -> None:
+    """Set a Normalization layer's statistics; finalize_state makes its call() use them."""
+    count = layer.get_weights()[2]
+    layer.set_weights([np.asarray(mean, np.float32), np.asarray(variance, np.float32), count])
+    layer.finalize_state()
+
+
 def preprocessing_layers(x, kind: str):
     """Raw 0..255 RGB in; the network's normalization inside the graph."""
     if kind == "imagenet":
@@ -86,7 +93,7 @@ def preprocessing_layers(x, kind: str):
         x = norm(x)
         # keras.applications leaves these at 0/1 until weights load; we set ImageNet's
         # statistics so a fresh model has the documented input contract too.
-        norm.set_weights([np.array(IMAGENET_MEAN), np.square(IMAGENET_STD), np.array(0)])
+        set_normalization(norm, IMAGENET_MEAN, np.square(IMAGENET_STD))
         return x
     if kind == "lite":
         return layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0)(x)

@@ -48,11 +48,13 @@ def _fix_keras_imagenet_normalization(model) -> None:
     one Normalization layer and store the true variance instead: the same function."""
     import numpy as np
 
+    from .builder import set_normalization
+
     for layer in model.layers:
         if layer.__class__.__name__ == "Normalization":
-            mean, var, count = layer.get_weights()
+            mean, var, _ = layer.get_weights()
             if np.allclose(np.ravel(var), IMAGENET_STD, atol=1e-6):
-                layer.set_weights([mean, np.square(var), count])
+                set_normalization(layer, mean, np.square(var))
             return
 
 

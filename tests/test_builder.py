@@ -57,6 +57,14 @@ def test_options_batch_classes_no_top():
     assert features.count_params() == count_params(get_variant("lite0"), include_top=False)
 
 
+def test_fresh_b_model_normalizes_with_imagenet_statistics():
+    model = build_model(get_variant("b0"))
+    normalized = keras.Model(model.input, model.get_layer(index=2).output)
+    got = np.asarray(normalized(np.full((1, 224, 224, 3), 255.0, np.float32)))[0, 0, 0]
+    np.testing.assert_allclose(got, (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]),
+                               rtol=1e-5)
+
+
 def _prediction(model, pixels):
     return np.asarray(model(pixels[None].astype(np.float32), training=False))
 
@@ -87,6 +95,7 @@ def test_legacy_h5_with_imagenet_normalization_quirk(tmp_path, chelsea):
     theirs = keras.applications.EfficientNetB0(weights=None)
     norm = next(l for l in theirs.layers if l.__class__.__name__ == "Normalization")
     norm.set_weights([np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225]), np.array(0)])
+    norm.finalize_state()
     path = str(tmp_path / "efficientnetb0.h5")
     with h5py.File(path, "w") as f:
         legacy_h5_format.save_weights_to_hdf5_group(f, theirs)
