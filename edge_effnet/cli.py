@@ -12,6 +12,8 @@ import sys
 import click
 
 from . import __version__
+from .backends import BACKENDS as BENCH_BACKENDS
+from .bench import BenchOptions
 from .errors import UserError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
@@ -143,3 +145,66 @@ def edgetpu_check(file, strict, json_out, force):
         click.echo(f"wrote {json_out}")
     if strict and not fully_mapped(report):
         raise CheckFailed(f"{file} does not map fully to the Edge TPU: {report['verdict']}")
+
+
+@main.command()
+@click.argument("models", nargs=-1, metavar="MODEL_OR_VARIANT...")
+@click.option("--variant", "variant_names", multiple=True,
+              help="A variant to build (batch 1) and time in TensorFlow, as the paper did; repeatable. "
+                   "Timed after the positional models.")
+@click.option("--runs", type=int, default=BenchOptions.runs, show_default=True,
+              help="Timed runs per model (exactly this many).")
+@click.option("--warmup", type=int, default=BenchOptions.warmup, show_default=True,
+              help="Untimed runs after the first run (whose time is recorded apart).")
+@click.option("--threads", type=int, default=BenchOptions.threads, show_default=True,
+              help="Interpreter / TensorFlow intra-op threads.")
+@click.option("--cpu", type=int, help="Pin the process to this CPU (os.sched_setaffinity); e.g. 0.")
+@click.option("--backend", type=click.Choice(BENCH_BACKENDS), default=BenchOptions.backend, show_default=True,
+              help="Runtime; auto = ai-edge-litert, else tflite-runtime, else tf.lite for .tflite files.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full record (every run) as JSON.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write one CSV row per model.")
+@click.option("--force", is_flag=True, help="Overwrite --json/--csv files that exist.")
+@click.option("--compare", nargs=2, type=click.Path(dir_okay=False), metavar="A.json B.json",
+              help="Compare two --json records (e.g. this machine and the device) instead of timing.")
+def bench(models, variant_names, runs, warmup, threads, cpu, backend, json_path, csv_path, force, compare):
+    """Time models at batch 1: .tflite / .onnx / .keras files or variant names (b1 = TensorFlow, 1 thread).
+
+    Several models are timed interleaved (A B A B ...) and each is shown as a ratio to the first.
+    """
+    from .bench import compare as compare_records, load_record, resolve_targets
+
+    if compare:
+        if models or variant_names or json_path or csv_path:
+            raise click.UsageError("--compare takes two JSON records and nothing to time")
+        click.echo(compare_records(load_record(compare[0]), load_record(compare[1]), compare[0], compare[1]))
+        return
+    options = BenchOptions(runs=runs, warmup=warmup, threads=threads, cpu=cpu, backend=backend)
+    options.validate()
+    targets = resolve_targets(list(models) + list(variant_names), backend)
+    from .fsutil import check_output
+
+    for path in (json_path, csv_path):
+        if path:
+            check_output(path, force)
+    import contextlib
+
+    from .bench import benchmark, format_table, write_csv, write_json
+    from .data import progress
+
+    with contextlib.ExitStack() as stack:
+        bars = []
+
+        def on_round(done, total):  # the bar starts once every model has loaded, so errors stay one line
+            if not bars:
+                label = f"timing {len(targets)} model(s): {warmup} warm-up + {runs} timed rounds"
+                bars.append(stack.enter_context(progress(None, label, total=total)))
+            bars[0].update(done - bars[0].pos)
+
+        record = benchmark(targets, options, on_round=on_round)
+    click.echo(format_table(record))
+    if json_path:
+        write_json(record, json_path)
+        click.echo(f"wrote {json_path}")
+    if csv_path:
+        write_csv(record, csv_path)
+        click.echo(f"wrote {csv_path}")

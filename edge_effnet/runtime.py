@@ -12,32 +12,30 @@ import re
 
 import numpy as np
 
+from .backends import BACKEND_TABLE, BACKENDS, MODEL_EXTENSIONS, TFLITE_BACKENDS  # noqa: F401 (re-exported)
 from .errors import UserError
-
-TFLITE_BACKENDS = ("litert", "tflite-runtime", "tf-lite")
-BACKENDS = ("auto",) + TFLITE_BACKENDS + ("onnxruntime", "keras")
 
 
 def backend_for(path: str, backend: str = "auto") -> str:
+    """The backend that runs `path`: `backend` checked against the file type, or the first installed."""
     ext = os.path.splitext(path)[1].lower()
+    if ext not in MODEL_EXTENSIONS:
+        raise UserError(f"unsupported model file {path}: expected {', '.join(MODEL_EXTENSIONS)}")
     if backend != "auto":
-        allowed = {".tflite": TFLITE_BACKENDS, ".onnx": ("onnxruntime",), ".keras": ("keras",)}.get(ext, ())
-        if backend not in allowed:
-            raise UserError(f"backend {backend!r} cannot run {ext or 'this'} files ({path})")
+        if backend not in BACKEND_TABLE:
+            raise UserError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+        if BACKEND_TABLE[backend][0] != ext:
+            fits = [b for b, row in BACKEND_TABLE.items() if row[0] == ext]
+            raise UserError(f"backend {backend} cannot run {ext} files ({path}); use {' or '.join(fits)}")
         return backend
-    if ext == ".tflite":
-        for name, module in (("litert", "ai_edge_litert"), ("tflite-runtime", "tflite_runtime")):
-            try:
-                __import__(module)
-                return name
-            except ImportError:
-                continue
-        return "tf-lite"
-    if ext == ".onnx":
-        return "onnxruntime"
-    if ext == ".keras":
-        return "keras"
-    raise UserError(f"unsupported model file {path}: expected .tflite, .onnx or .keras")
+    candidates = [b for b, row in BACKEND_TABLE.items() if row[0] == ext]
+    for name in candidates[:-1]:  # the last one (tf-lite for .tflite) is the fallback
+        try:
+            __import__(BACKEND_TABLE[name][1])
+            return name
+        except ImportError:
+            continue
+    return candidates[-1]
 
 
 def _tflite_interpreter_class(backend: str):
@@ -55,9 +53,45 @@ def _tflite_interpreter_class(backend: str):
             import tensorflow as mod
             Interpreter = mod.lite.Interpreter
     except ImportError as exc:
-        raise UserError(f"backend {backend} is not installed ({exc}); "
-                        "pip install 'edge-effnet[runtime]' gives ai-edge-litert") from None
+        raise UserError(f"backend {backend} is not installed ({exc}); {BACKEND_TABLE[backend][2]}") from None
     return Interpreter, getattr(mod, "__version__", "unknown")
+
+
+def configure_tf_threads(num_threads: int):
+    """Import TensorFlow with `num_threads` intra-op threads and one inter-op thread; returns tf.
+
+    TensorFlow fixes its thread pools when it initialises (the first op or variable), so this
+    must run before any model is built or loaded in the process.
+    """
+    from .models import import_keras
+
+    import_keras()
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(num_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        now = tf.config.threading.get_intra_op_parallelism_threads()
+        raise UserError(f"TensorFlow already runs in this process with {now or 'default'} intra-op threads; "
+                        f"start a new process to use {num_threads}") from None
+    return tf
+
+
+def prepare_backend(backend: str, num_threads: int = 1) -> str:
+    """Import `backend` (and set TensorFlow's threads for keras) before any model is opened.
+
+    Returns the backend's version. Lets a caller time imports apart from model start-up.
+    """
+    if backend in TFLITE_BACKENDS:
+        return _tflite_interpreter_class(backend)[1]
+    if backend == "keras":
+        return configure_tf_threads(num_threads).__version__
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError(f"onnxruntime is not installed: {BACKEND_TABLE['onnxruntime'][2]}") from None
+    return ort.__version__
 
 
 _MISSING_OP = re.compile(r"Didn't find op for builtin opcode '(\w+)' version '(\d+)'")
@@ -141,7 +175,7 @@ class OnnxRunner(Runner):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise UserError("onnxruntime is not installed: pip install 'edge-effnet[onnx]'") from None
+            raise UserError(f"onnxruntime is not installed: {BACKEND_TABLE['onnxruntime'][2]}") from None
         self.backend, self.version, self.path = "onnxruntime", ort.__version__, path
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = num_threads
@@ -169,19 +203,14 @@ class OnnxRunner(Runner):
 
 
 class KerasRunner(Runner):
-    def __init__(self, path: str, num_threads: int = 1):
-        from .models import import_keras, load_model_file
+    """A .keras file (`path`) or an in-memory Keras `model`, run by TensorFlow with `num_threads`."""
 
-        import_keras()
-        import tensorflow as tf
+    def __init__(self, path: str | None, num_threads: int = 1, model=None):
+        from .models import load_model_file
 
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(num_threads)
-            tf.config.threading.set_inter_op_parallelism_threads(1)
-        except RuntimeError:
-            pass  # already initialised in this process
+        tf = configure_tf_threads(num_threads)
         self.backend, self.version, self.path = "keras", tf.__version__, path
-        self.model = load_model_file(path)
+        self.model = load_model_file(path) if model is None else model
         shape = [1 if d is None else int(d) for d in self.model.inputs[0].shape]
         self.inputs = [{"name": self.model.inputs[0].name, "shape": shape, "dtype": "float32",
                         "scale": None, "zero_point": None}]
