@@ -208,3 +208,56 @@ def bench(models, variant_names, runs, warmup, threads, cpu, backend, json_path,
     if csv_path:
         write_csv(record, csv_path)
         click.echo(f"wrote {csv_path}")
+
+
+@main.command()
+@click.argument("model")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="How many classes to show.")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="For a variant name: none | imagenet | PATH | torch:PATH (files carry their weights).")
+@click.option("--backend", default="auto", show_default=True, help="auto | litert | tflite-runtime | tf-lite | "
+                                                                   "onnxruntime | keras")
+def predict(model, images, top, weights, backend):
+    """Classify IMAGES with MODEL (.tflite, .onnx, .keras file, or a variant name).
+
+    Uses the export's preprocessing (square center crop, bicubic resize, raw RGB pixels).
+    Unreadable images are reported and skipped.
+    """
+    from .classify import PredictOptions, predict as run_predict, resolve_model
+
+    resolve_model(model, weights)
+    for result in run_predict(model, list(images), PredictOptions(top=top, weights=weights, backend=backend)):
+        click.echo(result.image)
+        for rank, (index, name, score) in enumerate(result.top, 1):
+            click.echo(f"  {rank}. {score:6.3f}  {index:>4}  {name}")
+
+
+@main.command(name="eval")
+@click.argument("model")
+@click.option("--data", required=True, type=click.Path(exists=True),
+              help="A folder with one subfolder per class, a CSV of path,label rows, or (with --reference) "
+                   "any folder of images.")
+@click.option("--reference", help="A second model (file or variant) to compare with on the same images.")
+@click.option("--weights", default="imagenet", show_default=True, help="For variant names: as in `predict`.")
+@click.option("--backend", default="auto", show_default=True, help="Runtime for MODEL's file (as in `predict`).")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N images.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the result as JSON here.")
+@click.option("--force", is_flag=True, help="Overwrite the --json file if it exists.")
+def eval_(model, data, reference, weights, backend, limit, json_out, force):
+    """Top-1/top-5 accuracy of MODEL on labeled images, and its agreement with --reference."""
+    from .classify import resolve_model
+    from .evaluate import EvalOptions, evaluate, format_result, read_dataset
+    from .fsutil import atomic_file, check_output
+
+    for m in [model] + ([reference] if reference else []):
+        resolve_model(m, weights)
+    if json_out:
+        check_output(json_out, force)
+    read_dataset(data)
+    result = evaluate(model, data, reference, EvalOptions(weights=weights, backend=backend, limit=limit))
+    click.echo(format_result(result))
+    if json_out:
+        with atomic_file(json_out) as tmp, open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        click.echo(f"wrote {json_out}")
