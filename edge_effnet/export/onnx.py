@@ -1,0 +1,181 @@
+"""Keras model -> ONNX (tf2onnx), int8 QDQ ONNX (onnxruntime's quantizer), and their self-check.
+
+The ONNX files keep the project's input contract: one float32 tensor of raw RGB pixels 0..255,
+batch 1, preprocessing inside the graph. `layout="nchw"` adds a transpose at the input so an app
+feeds (1, 3, H, W); the default is (1, H, W, 3) like the TFLite files. Node names follow the Keras
+layer names (`stem_conv/convolution`, `block2a_se_reduce/Sigmoid`, `predictions/Softmax`).
+
+tensorflow, tf2onnx, onnx and onnxruntime are imported inside the functions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import __version__
+from ..errors import UserError
+from ..fsutil import atomic_file
+
+LAYOUTS = ("nhwc", "nchw")
+INPUT_NAME = "pixels"
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    opset: int = 18            # the newest tf2onnx 1.17 writes; onnxruntime and onnx2tf read it
+    layout: str = "nhwc"       # nhwc | nchw (a transpose at the input)
+    per_channel: bool = True   # int8: one weight scale per output channel
+
+
+def _import_onnx_tools():
+    from ..models import import_keras
+
+    import_keras()  # tf2onnx imports TensorFlow: keep its C++ start-up lines off the console
+    try:
+        import onnx
+        import onnxruntime  # noqa: F401
+        import tf2onnx
+    except ImportError as exc:
+        raise UserError(f"ONNX export needs the onnx extra ({exc.name} is missing): "
+                        "pip install 'edge-effnet[onnx]'") from None
+    return onnx, tf2onnx
+
+
+def pixels_for(images: np.ndarray, layout: str) -> np.ndarray:
+    """uint8/float (N, H, W, 3) pixels -> float32 in the file's layout."""
+    x = np.asarray(images, dtype=np.float32)
+    return x.transpose(0, 3, 1, 2) if layout == "nchw" else x
+
+
+def _layer_names(onnx_model, model) -> None:
+    """tf2onnx names nodes and tensors `<model>_1/<layer>_1/<op>`: rename them `<layer>/<op>`."""
+    layers = {layer.name for layer in model.layers}
+    graph = onnx_model.graph
+
+    def short(name: str) -> str:
+        parts = name.split("/")
+        if len(parts) < 3 or not parts[0].startswith(model.name):
+            return name
+        layer = parts[1] if parts[1] in layers else re.sub(r"_\d+$", "", parts[1])
+        return "/".join([layer] + parts[2:]) if layer in layers else name
+
+    names = {n.name for n in graph.node} | {t for n in graph.node for t in (*n.input, *n.output)}
+    names |= {i.name for i in graph.initializer} | {v.name for v in graph.value_info}
+    mapping = {name: short(name) for name in names}
+    counts: dict[str, int] = {}
+    for new in mapping.values():
+        counts[new] = counts.get(new, 0) + 1
+    mapping = {old: new for old, new in mapping.items() if new != old and counts[new] == 1 and new not in names}
+    for node in graph.node:
+        node.name = mapping.get(node.name, node.name)
+        node.input[:] = [mapping.get(t, t) for t in node.input]
+        node.output[:] = [mapping.get(t, t) for t in node.output]
+    for item in (*graph.initializer, *graph.value_info):
+        item.name = mapping.get(item.name, item.name)
+
+
+def metadata_for(model, *, variant: str | None, preprocessing: str | None, layout: str,
+                 labels: list[str] | None = None, extra: dict | None = None) -> dict[str, str]:
+    """metadata_props of an exported file: strings only (labels as a JSON list)."""
+    _, h, w, c = (int(d or 1) for d in model.inputs[0].shape)
+    shape = [1, c, h, w] if layout == "nchw" else [1, h, w, c]
+    props = {"producer": f"edge_effnet {__version__}", "variant": variant or model.name,
+             "preprocessing": preprocessing or "unknown", "input": f"float32 RGB pixels 0..255, {layout.upper()}",
+             "input_range": "0..255", "layout": layout, "input_shape": json.dumps(shape)}
+    if labels is not None:
+        props["labels"] = json.dumps(list(labels))
+    props.update({k: str(v) for k, v in (extra or {}).items()})
+    return props
+
+
+def keras_to_onnx(model, output: str, *, metadata: dict[str, str] | None = None,
+                  options: OnnxOptions = OnnxOptions()):
+    """Write `model` (raw-pixel input, any batch dim) as a static batch-1 float ONNX file."""
+    if options.layout not in LAYOUTS:
+        raise UserError(f"layout must be one of {', '.join(LAYOUTS)} (got {options.layout!r})")
+    onnx, tf2onnx = _import_onnx_tools()
+    import tensorflow as tf
+
+    _, h, w, c = model.inputs[0].shape
+    if None in (h, w, c):
+        raise UserError(f"ONNX export needs a fixed input size; the model's input is {tuple(model.inputs[0].shape)}")
+    signature = [tf.TensorSpec((1, h, w, c), tf.float32, name=INPUT_NAME)]
+    nchw = [INPUT_NAME] if options.layout == "nchw" else None
+    try:
+        proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=options.opset,
+                                              inputs_as_nchw=nchw)
+    except Exception as exc:  # tf2onnx raises plain exceptions with its own text
+        raise UserError(f"tf2onnx could not convert {model.name}: {str(exc).strip().splitlines()[0]}") from None
+    _layer_names(proto, model)
+    proto.producer_name, proto.producer_version = "edge_effnet", __version__
+    onnx.helper.set_model_props(proto, metadata or {})
+    onnx.checker.check_model(proto)
+    with atomic_file(output) as tmp:
+        onnx.save(proto, tmp)
+    return proto
+
+
+class _Calibration:
+    """onnxruntime CalibrationDataReader over raw pixels, one image per step."""
+
+    def __init__(self, images: np.ndarray, layout: str, input_name: str):
+        self._batches = iter([{input_name: x[None]} for x in pixels_for(images, layout)])
+
+    def get_next(self):
+        return next(self._batches, None)
+
+
+def quantize_onnx(float_path: str, output: str, images: np.ndarray, *, options: OnnxOptions = OnnxOptions()):
+    """Static int8 QDQ quantization of `float_path`, calibrated on `images` (N, H, W, 3 pixels).
+
+    Activations and weights int8 (per-channel weights), MinMax calibration; float32 input and
+    output stay, so the file takes the same raw pixels as the float one.
+    """
+    _import_onnx_tools()
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(_Calibration, CalibrationDataReader):
+        pass
+
+    if len(images) == 0:
+        raise UserError("int8 quantization needs at least one calibration image")
+    source = onnx.load(float_path)
+    props = {p.key: p.value for p in source.metadata_props}
+    props.update({"quantization": "int8 static QDQ (onnxruntime), "
+                                  f"{'per-channel' if options.per_channel else 'per-tensor'} weights",
+                  "calibration_images": str(len(images))})
+    with tempfile.TemporaryDirectory(prefix="edge-effnet-quant-") as work, atomic_file(output) as tmp:
+        prepared = os.path.join(work, "prepared.onnx")
+        quant_pre_process(float_path, prepared, skip_symbolic_shape=True)
+        quantize_static(prepared, tmp, Reader(images, options.layout, source.graph.input[0].name),
+                        quant_format=QuantFormat.QDQ, per_channel=options.per_channel,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=_output_softmax(source))
+        quantized = onnx.load(tmp)
+        onnx.helper.set_model_props(quantized, props)  # the quantizer drops metadata_props
+        onnx.save(quantized, tmp)
+    return output
+
+
+def _output_softmax(model) -> list[str]:
+    """A Softmax that produces a graph output stays float: int8 steps of 1/255 would round every
+    probability below 0.002 to zero (most of 1000 classes)."""
+    outputs = {o.name for o in model.graph.output}
+    return [n.name for n in model.graph.node if n.op_type == "Softmax" and set(n.output) & outputs]
+
+
+def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """Probabilities (N, classes) of a reference and a converted model -> comparison figures."""
+    reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    diff = np.abs(reference - candidate)
+    return {"images": int(len(reference)), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "top1_agreement": float(np.mean(reference.argmax(1) == candidate.argmax(1))),
+            "top5_overlap": float(np.mean([len(set(np.argsort(-r)[:5]) & set(np.argsort(-c)[:5])) / 5
+                                           for r, c in zip(reference, candidate)]))}
