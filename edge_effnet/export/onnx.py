@@ -57,12 +57,15 @@ def _layer_names(onnx_model, model) -> None:
     layers = {layer.name for layer in model.layers}
     graph = onnx_model.graph
 
+    scope = re.compile(re.escape(model.name) + r"(?:_\d+)?/([^/]+)/")
+
+    def layer(match) -> str:
+        name = match.group(1)
+        name = name if name in layers else re.sub(r"_\d+$", "", name)
+        return f"{name}/" if name in layers else match.group(0)
+
     def short(name: str) -> str:
-        parts = name.split("/")
-        if len(parts) < 3 or not parts[0].startswith(model.name):
-            return name
-        layer = parts[1] if parts[1] in layers else re.sub(r"_\d+$", "", parts[1])
-        return "/".join([layer] + parts[2:]) if layer in layers else name
+        return scope.sub(layer, name)
 
     names = {n.name for n in graph.node} | {t for n in graph.node for t in (*n.input, *n.output)}
     names |= {i.name for i in graph.initializer} | {v.name for v in graph.value_info}
