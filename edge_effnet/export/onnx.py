@@ -182,3 +182,39 @@ def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
             "top1_agreement": float(np.mean(reference.argmax(1) == candidate.argmax(1))),
             "top5_overlap": float(np.mean([len(set(np.argsort(-r)[:5]) & set(np.argsort(-c)[:5])) / 5
                                            for r, c in zip(reference, candidate)]))}
+
+
+FLOAT_MAX_ABS_DIFF = 1e-4  # self-check: float ONNX vs Keras, max abs difference of the probabilities
+
+
+def keras_outputs(model, images: np.ndarray) -> np.ndarray:
+    """The Keras model's outputs for raw pixels (N, H, W, 3), one image at a time (batch-1 models)."""
+    return np.concatenate([np.asarray(model(np.asarray(x[None], np.float32), training=False)) for x in images])
+
+
+def check_onnx(path: str, reference: np.ndarray, images: np.ndarray) -> dict:
+    """Run `images` (raw pixels, NHWC) through `path` in onnxruntime; compare with `reference`."""
+    from ..runtime import open_model
+
+    runner = open_model(path, "onnxruntime")
+    got = np.stack([runner.classify(x) for x in images])
+    return agreement(reference.reshape(len(images), -1), got)
+
+
+def export_onnx(model, outputs: dict[str, str], calibration: np.ndarray, *, metadata: dict[str, str],
+                options: OnnxOptions = OnnxOptions(), check_images: np.ndarray | None = None) -> dict:
+    """Write {'float': PATH[, 'int8': PATH]} from `model` and check each against Keras.
+
+    The float check passes when the probabilities differ by at most FLOAT_MAX_ABS_DIFF; int8
+    files get agreement figures (top-1 agreement, top-5 overlap, max/mean abs difference).
+    """
+    images = calibration if check_images is None else check_images
+    keras_to_onnx(model, outputs["float"], metadata=metadata, options=options)
+    if "int8" in outputs:
+        quantize_onnx(outputs["float"], outputs["int8"], calibration, options=options)
+    reference = keras_outputs(model, images)
+    checks = {kind: check_onnx(path, reference, images) for kind, path in outputs.items()}
+    checks["float"]["passed"] = checks["float"]["max_abs_diff"] <= FLOAT_MAX_ABS_DIFF
+    checks["float"]["limit"] = FLOAT_MAX_ABS_DIFF
+    return {"files": {kind: os.path.abspath(p) for kind, p in outputs.items()}, "checks": checks,
+            "opset": options.opset, "layout": options.layout}

@@ -1,0 +1,107 @@
+"""ONNX export: float (tf2onnx) and int8 QDQ (onnxruntime) files checked in onnxruntime against Keras."""
+import json
+
+import numpy as np
+import pytest
+
+from onnx_fixtures import photos, settle_batchnorm
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("tf2onnx")
+
+
+def _model(resolution=None, **kwargs):
+    from edge_effnet.models import create_model
+    from edge_effnet.variants import resolve_spec
+
+    spec = resolve_spec(resolution=resolution, **kwargs)
+    model = create_model(spec, batch_size=1, dropout=0.0, drop_connect=0.0)
+    images = photos(spec.resolution)
+    settle_batchnorm(model, images)
+    return spec, model, images
+
+
+def _export(tmp_path, spec, model, images, layout="nhwc", int8=True):
+    from edge_effnet.export.onnx import OnnxOptions, export_onnx, metadata_for
+
+    labels = [f"class {i}" for i in range(spec.num_classes)]
+    outputs = {"float": str(tmp_path / f"{layout}.onnx")}
+    if int8:
+        outputs["int8"] = str(tmp_path / f"{layout}_int8.onnx")
+    meta = metadata_for(model, variant=spec.name, preprocessing=spec.preprocessing, layout=layout, labels=labels)
+    return export_onnx(model, outputs, images, metadata=meta, options=OnnxOptions(layout=layout))
+
+
+@pytest.fixture(scope="module")
+def small():
+    return _model(width=0.25, depth=0.25, resolution=64)
+
+
+def test_small_variant_float_and_int8_pass_self_check(tmp_path, small):
+    spec, model, images = small
+    report = _export(tmp_path, spec, model, images)
+    float_check, int8_check = report["checks"]["float"], report["checks"]["int8"]
+    assert float_check["passed"] and float_check["max_abs_diff"] <= 1e-4
+    assert float_check["top1_agreement"] == 1.0 and float_check["images"] == len(images) >= 12
+    # int8 on real photos: close to the float probabilities, not identical
+    assert 0 < int8_check["max_abs_diff"] < 0.2 and int8_check["mean_abs_diff"] < 0.01
+    assert int8_check["top5_overlap"] >= 0.6
+
+    proto = onnx.load(report["files"]["float"])
+    (image,) = proto.graph.input
+    assert image.name == "pixels"
+    assert [d.dim_value for d in image.type.tensor_type.shape.dim] == [1, 64, 64, 3]
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 18
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["variant"] == spec.name and meta["preprocessing"] == "imagenet"
+    assert meta["input_range"] == "0..255" and meta["layout"] == "nhwc"
+    assert json.loads(meta["labels"])[:2] == ["class 0", "class 1"] and len(json.loads(meta["labels"])) == 1000
+    names = [n.name for n in proto.graph.node]
+    assert "predictions/Softmax" in names and any(n.startswith("block1a_dwconv/") for n in names)
+    assert not any(n.startswith(model.name) for n in names)  # no `<model>_1/<layer>_1/` prefixes left
+
+    quantized = onnx.load(report["files"]["int8"])
+    ops = {n.op_type for n in quantized.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    init = {i.name: i for i in quantized.graph.initializer}
+    per_channel = [n for n in quantized.graph.node if n.op_type == "DequantizeLinear"
+                   and init.get(n.input[0]) is not None and init[n.input[0]].data_type == onnx.TensorProto.INT8
+                   and np.prod(init[n.input[1]].dims) > 1]
+    assert per_channel, "weights should carry one scale per output channel"
+    qmeta = {p.key: p.value for p in quantized.metadata_props}
+    assert qmeta["variant"] == spec.name and "per-channel" in qmeta["quantization"]
+    assert qmeta["calibration_images"] == str(len(images))
+
+
+def test_nchw_layout_takes_nchw_pixels_and_gives_the_same_probabilities(tmp_path, small):
+    from edge_effnet.runtime import open_model
+
+    spec, model, images = small
+    report = _export(tmp_path, spec, model, images, layout="nchw", int8=False)
+    assert report["checks"]["float"]["passed"]
+    runner = open_model(report["files"]["float"])
+    assert runner.inputs[0]["shape"] == [1, 3, 64, 64] and runner.inputs[0]["layout"] == "nchw"
+    direct = runner.run(images[:1].transpose(0, 3, 1, 2).astype(np.float32)).reshape(-1)
+    keras_probs = np.asarray(model(images[:1].astype(np.float32))).reshape(-1)
+    np.testing.assert_allclose(direct, keras_probs, atol=1e-5)
+    meta = {p.key: p.value for p in onnx.load(report["files"]["float"]).metadata_props}
+    assert meta["layout"] == "nchw" and json.loads(meta["input_shape"]) == [1, 3, 64, 64]
+
+
+@pytest.mark.slow
+def test_b0_float_and_int8_pass_self_check(tmp_path):
+    spec, model, images = _model(variant="b0")
+    report = _export(tmp_path, spec, model, images)
+    assert report["checks"]["float"]["passed"], report["checks"]["float"]
+    int8_check = report["checks"]["int8"]
+    assert int8_check["max_abs_diff"] < 0.2 and int8_check["top5_overlap"] >= 0.6, int8_check
+
+
+def test_bad_layout_is_a_user_error(tmp_path, small):
+    from edge_effnet.errors import UserError
+    from edge_effnet.export.onnx import OnnxOptions, keras_to_onnx
+
+    with pytest.raises(UserError, match="layout must be one of nhwc, nchw"):
+        keras_to_onnx(small[1], str(tmp_path / "x.onnx"), options=OnnxOptions(layout="chw"))
+    assert not list(tmp_path.iterdir())
