@@ -38,9 +38,15 @@ def small():
     return _model(width=0.25, depth=0.25, resolution=64)
 
 
-def test_small_variant_float_and_int8_pass_self_check(tmp_path, small):
+@pytest.fixture(scope="module")
+def exported(small, tmp_path_factory):
     spec, model, images = small
-    report = _export(tmp_path, spec, model, images)
+    return _export(tmp_path_factory.mktemp("onnx"), spec, model, images)
+
+
+def test_small_variant_float_and_int8_pass_self_check(small, exported):
+    spec, model, images = small
+    report = exported
     float_check, int8_check = report["checks"]["float"], report["checks"]["int8"]
     assert float_check["passed"] and float_check["max_abs_diff"] <= 1e-4
     assert float_check["top1_agreement"] == 1.0 and float_check["images"] == len(images) >= 12
@@ -105,3 +111,23 @@ def test_bad_layout_is_a_user_error(tmp_path, small):
     with pytest.raises(UserError, match="layout must be one of nhwc, nchw"):
         keras_to_onnx(small[1], str(tmp_path / "x.onnx"), options=OnnxOptions(layout="chw"))
     assert not list(tmp_path.iterdir())
+
+
+def test_bench_times_onnx_in_onnxruntime_on_one_thread(exported, tmp_path):
+    """`edge-effnet bench` runs .onnx files in onnxruntime: 1 intra-op, 1 inter-op thread, sequential."""
+    import onnxruntime as ort
+
+    from conftest import run_cli
+    from edge_effnet.runtime import open_model
+
+    session = open_model(exported["files"]["int8"]).session
+    opts = session.get_session_options()
+    assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (1, 1)
+    assert opts.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", exported["files"]["float"], exported["files"]["int8"], "--runs", 5, "--json", out)
+    assert result.returncode == 0, result.stderr
+    records = json.loads(out.read_text())["models"]
+    assert [r["backend"] for r in records] == ["onnxruntime", "onnxruntime"]
+    assert all(r["threads"] == 1 and r["runs"] == 5 and r["input_shape"] == [1, 64, 64, 3] for r in records)
+    assert all(len(r["runs_ms"]) == 5 and min(r["runs_ms"]) > 0 for r in records)
