@@ -26,7 +26,7 @@ def _export(tmp_path, spec, model, images, layout="nhwc", int8=True):
     from edge_effnet.export.onnx import OnnxOptions, export_onnx, metadata_for
 
     labels = [f"class {i}" for i in range(spec.num_classes)]
-    outputs = {"float": str(tmp_path / f"{layout}.onnx")}
+    outputs = {"fp32": str(tmp_path / f"{layout}.onnx")}
     if int8:
         outputs["int8"] = str(tmp_path / f"{layout}_int8.onnx")
     meta = metadata_for(model, variant=spec.name, preprocessing=spec.preprocessing, layout=layout, labels=labels)
@@ -47,14 +47,14 @@ def exported(small, tmp_path_factory):
 def test_small_variant_float_and_int8_pass_self_check(small, exported):
     spec, model, images = small
     report = exported
-    float_check, int8_check = report["checks"]["float"], report["checks"]["int8"]
+    float_check, int8_check = report["checks"]["fp32"], report["checks"]["int8"]
     assert float_check["passed"] and float_check["max_abs_diff"] <= 1e-4
     assert float_check["top1_agreement"] == 1.0 and float_check["images"] == len(images) >= 12
     # int8 on real photos: close to the float probabilities, not identical
     assert 0 < int8_check["max_abs_diff"] < 0.2 and int8_check["mean_abs_diff"] < 0.01
     assert int8_check["top5_overlap"] >= 0.6
 
-    proto = onnx.load(report["files"]["float"])
+    proto = onnx.load(report["files"]["fp32"])
     (image,) = proto.graph.input
     assert image.name == "pixels"
     assert [d.dim_value for d in image.type.tensor_type.shape.dim] == [1, 64, 64, 3]
@@ -85,13 +85,13 @@ def test_nchw_layout_takes_nchw_pixels_and_gives_the_same_probabilities(tmp_path
 
     spec, model, images = small
     report = _export(tmp_path, spec, model, images, layout="nchw", int8=False)
-    assert report["checks"]["float"]["passed"]
-    runner = open_model(report["files"]["float"])
+    assert report["checks"]["fp32"]["passed"]
+    runner = open_model(report["files"]["fp32"])
     assert runner.inputs[0]["shape"] == [1, 3, 64, 64] and runner.inputs[0]["layout"] == "nchw"
     direct = runner.run(images[:1].transpose(0, 3, 1, 2).astype(np.float32)).reshape(-1)
     keras_probs = np.asarray(model(images[:1].astype(np.float32))).reshape(-1)
     np.testing.assert_allclose(direct, keras_probs, atol=1e-5)
-    meta = {p.key: p.value for p in onnx.load(report["files"]["float"]).metadata_props}
+    meta = {p.key: p.value for p in onnx.load(report["files"]["fp32"]).metadata_props}
     assert meta["layout"] == "nchw" and json.loads(meta["input_shape"]) == [1, 3, 64, 64]
 
 
@@ -99,7 +99,7 @@ def test_nchw_layout_takes_nchw_pixels_and_gives_the_same_probabilities(tmp_path
 def test_b0_float_and_int8_pass_self_check(tmp_path):
     spec, model, images = _model(variant="b0")
     report = _export(tmp_path, spec, model, images)
-    assert report["checks"]["float"]["passed"], report["checks"]["float"]
+    assert report["checks"]["fp32"]["passed"], report["checks"]["fp32"]
     int8_check = report["checks"]["int8"]
     assert int8_check["max_abs_diff"] < 0.2 and int8_check["top5_overlap"] >= 0.6, int8_check
 
@@ -125,7 +125,7 @@ def test_bench_times_onnx_in_onnxruntime_on_one_thread(exported, tmp_path):
     assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (1, 1)
     assert opts.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
     out = tmp_path / "bench.json"
-    result = run_cli("bench", exported["files"]["float"], exported["files"]["int8"], "--runs", 5, "--json", out)
+    result = run_cli("bench", exported["files"]["fp32"], exported["files"]["int8"], "--runs", 5, "--json", out)
     assert result.returncode == 0, result.stderr
     records = json.loads(out.read_text())["models"]
     assert [r["backend"] for r in records] == ["onnxruntime", "onnxruntime"]

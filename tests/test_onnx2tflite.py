@@ -41,12 +41,12 @@ def test_external_nchw_model_converts_to_float_and_int8_tflite_that_agree(tmp_pa
     from edge_effnet.runtime import open_model
 
     images = photos(96)
-    outputs = {"float": str(tmp_path / "m_float.tflite"), "int8": str(tmp_path / "m_int8.tflite")}
+    outputs = {"fp32": str(tmp_path / "m_float.tflite"), "int8": str(tmp_path / "m_int8.tflite")}
     report = o2t.onnx_to_tflite(keras_app_onnx, outputs, images,
-                                o2t.ImportOptions(resolution=96, normalization="imagenet", int8=True))
+                                o2t.ImportOptions(resolution=96, normalization="imagenet", io="int8"))
     assert report["source"]["layout"] == "nchw" and report["source"]["resolution"] == [96, 96]
     assert "batch dimension fixed at 1" in report["source"]["notes"]
-    float_check, int8_check = report["checks"]["float"], report["checks"]["int8"]
+    float_check, int8_check = report["checks"]["fp32"], report["checks"]["int8"]
     assert float_check["compared"] == "softmax of the outputs"  # logits in, compared as probabilities
     assert float_check["max_abs_diff"] <= 1e-4 and float_check["top1_agreement"] == 1.0
     assert float_check["images"] == len(images) >= 12
@@ -54,7 +54,7 @@ def test_external_nchw_model_converts_to_float_and_int8_tflite_that_agree(tmp_pa
     assert int8_check["top5_overlap"] >= 0.6
 
     # the TFLite files take raw NHWC pixels: the ImageNet normalization is inside them
-    float_runner, int8_runner = open_model(outputs["float"]), open_model(outputs["int8"])
+    float_runner, int8_runner = open_model(outputs["fp32"]), open_model(outputs["int8"])
     assert float_runner.inputs[0]["shape"] == [1, 96, 96, 3] and float_runner.inputs[0]["dtype"] == "float32"
     assert int8_runner.inputs[0]["dtype"] == "int8" and int8_runner.outputs[0]["dtype"] == "int8"
     assert abs(int8_runner.inputs[0]["scale"] - 1.0) < 1e-3  # 0..255 pixels: one step per pixel value
@@ -81,9 +81,9 @@ def test_pytorch_lite0_with_imagenet_weights_converts_and_agrees_on_photos(tmp_p
     torch.onnx.export(model, torch.zeros(1, 3, 224, 224), path, opset_version=17, input_names=["input"],
                       output_names=["logits"], dynamo=False)
     images = photos(224)
-    outputs = {"float": str(tmp_path / "f.tflite"), "int8": str(tmp_path / "i8.tflite")}
-    report = o2t.onnx_to_tflite(path, outputs, images, o2t.ImportOptions(normalization="symmetric", int8=True))
-    assert report["checks"]["float"]["max_abs_diff"] <= 1e-4
+    outputs = {"fp32": str(tmp_path / "f.tflite"), "int8": str(tmp_path / "i8.tflite")}
+    report = o2t.onnx_to_tflite(path, outputs, images, o2t.ImportOptions(normalization="symmetric"))
+    assert report["checks"]["fp32"]["max_abs_diff"] <= 1e-4
     assert report["checks"]["int8"]["top1_agreement"] >= 0.75, report["checks"]["int8"]
     from edge_effnet.runtime import open_model
 

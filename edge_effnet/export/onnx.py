@@ -203,18 +203,18 @@ def check_onnx(path: str, reference: np.ndarray, images: np.ndarray) -> dict:
 
 def export_onnx(model, outputs: dict[str, str], calibration: np.ndarray, *, metadata: dict[str, str],
                 options: OnnxOptions = OnnxOptions(), check_images: np.ndarray | None = None) -> dict:
-    """Write {'float': PATH[, 'int8': PATH]} from `model` and check each against Keras.
+    """Write {"fp32": PATH[, "int8": PATH]} from `model` and check each against Keras.
 
     The float check passes when the probabilities differ by at most FLOAT_MAX_ABS_DIFF; int8
     files get agreement figures (top-1 agreement, top-5 overlap, max/mean abs difference).
     """
     images = calibration if check_images is None else check_images
-    keras_to_onnx(model, outputs["float"], metadata=metadata, options=options)
+    keras_to_onnx(model, outputs["fp32"], metadata=metadata, options=options)
     if "int8" in outputs:
-        quantize_onnx(outputs["float"], outputs["int8"], calibration, options=options)
+        quantize_onnx(outputs["fp32"], outputs["int8"], calibration, options=options)
     reference = keras_outputs(model, images)
     checks = {kind: check_onnx(path, reference, images) for kind, path in outputs.items()}
-    checks["float"]["passed"] = checks["float"]["max_abs_diff"] <= FLOAT_MAX_ABS_DIFF
-    checks["float"]["limit"] = FLOAT_MAX_ABS_DIFF
+    checks["fp32"]["passed"] = checks["fp32"]["max_abs_diff"] <= FLOAT_MAX_ABS_DIFF
+    checks["fp32"]["limit"] = FLOAT_MAX_ABS_DIFF
     return {"files": {kind: os.path.abspath(p) for kind, p in outputs.items()}, "checks": checks,
             "opset": options.opset, "layout": options.layout}

@@ -32,6 +32,16 @@ NORMALIZATIONS = {
     "imagenet": (IMAGENET_MEAN, IMAGENET_STD),       # torchvision, timm
     "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # -1..1 (TF-slim, Inception, EfficientNet-Lite)
 }
+# The file onnx2tf writes for each mode (names as in edge_effnet.export.formats.MODES), by the
+# quantized file's input/output dtype where that matters; quantized modes need -oiqt (calibration).
+ONNX2TF_FILES = {
+    "fp32": {"float32": "float32"},
+    "fp16": {"float32": "float16"},
+    "dynamic": {"float32": "dynamic_range_quant"},
+    "int8": {"uint8": "full_integer_quant", "int8": "full_integer_quant", "float32": "integer_quant"},
+    "int16x8": {"float32": "integer_quant_with_int16_act", "int16": "full_integer_quant_with_int16_act"},
+}
+CALIBRATED = ("int8", "int16x8")
 SAMPLE_FILE = "calibration_image_sample_data_20x128x128x3_float32.npy"  # onnx2tf's own name for it
 SAMPLE_SHAPE = (20, 128, 128, 3)
 OFFLINE_PROXY = "http://127.0.0.1:9"  # discard port: any download attempt fails at once
@@ -42,9 +52,8 @@ PIXELS = "pixels"
 class ImportOptions:
     resolution: int | None = None        # needed when the ONNX input has dynamic height/width
     normalization: str | None = None     # None: the file's metadata (ours: raw), else imagenet
-    int8: bool = False                   # also write a full-int8 file
-    per_channel: bool = True
-    int8_io: str = "int8"                # dtype of the full-int8 file's input and output
+    per_channel: bool = True             # quantized modes: one weight scale per output channel
+    io: str = "uint8"                    # int8 mode: input/output dtype (uint8 | int8 | float32)
 
 
 @dataclass
@@ -259,8 +268,8 @@ def _onnx2tf_error(log: str) -> str:
 
 
 def run_onnx2tf(prepared_path: str, input_name: str, calibration: np.ndarray, workdir: str,
-                options: ImportOptions) -> dict[str, str]:
-    """Run onnx2tf (a subprocess, offline, cwd=workdir) -> {'float': path[, 'int8': path]}."""
+                modes, options: ImportOptions) -> dict[str, str]:
+    """Run onnx2tf once (a subprocess, offline, cwd=workdir) -> {mode: path of the file it wrote}."""
     if importlib.util.find_spec("onnx2tf") is None:
         raise UserError("onnx2tf is not installed: pip install 'edge-effnet[onnx]'")
     write_sample_file(workdir, calibration)
@@ -269,9 +278,9 @@ def run_onnx2tf(prepared_path: str, input_name: str, calibration: np.ndarray, wo
     out = os.path.join(workdir, "out")
     stem = os.path.splitext(os.path.basename(prepared_path))[0]
     cmd = [sys.executable, "-m", "onnx2tf", "-i", prepared_path, "-o", out, "-coton", "denorm", "-v", "warn"]
-    if options.int8:
-        cmd += ["-oiqt", "-qt", "per-channel" if options.per_channel else "per-tensor",
-                "-iqd", options.int8_io, "-oqd", options.int8_io,
+    if set(modes) & set(CALIBRATED):
+        io = options.io if options.io in ("uint8", "int8") else "int8"  # the full-integer files' dtype
+        cmd += ["-oiqt", "-qt", "per-channel" if options.per_channel else "per-tensor", "-iqd", io, "-oqd", io,
                 "-cind", input_name, calib, "[[[[0.0, 0.0, 0.0]]]]", f"[[[[{1 / 255!r}, {1 / 255!r}, {1 / 255!r}]]]]"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", HTTP_PROXY=OFFLINE_PROXY, HTTPS_PROXY=OFFLINE_PROXY,
                http_proxy=OFFLINE_PROXY, https_proxy=OFFLINE_PROXY, NO_PROXY="", no_proxy="",
@@ -279,9 +288,10 @@ def run_onnx2tf(prepared_path: str, input_name: str, calibration: np.ndarray, wo
     log_path = os.path.join(workdir, "onnx2tf.log")
     with open(log_path, "w") as log:
         code = subprocess.run(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    files = {"float": os.path.join(out, f"{stem}_float32.tflite")}
-    if options.int8:
-        files["int8"] = os.path.join(out, f"{stem}_full_integer_quant.tflite")
+    files = {}
+    for mode in modes:
+        table = ONNX2TF_FILES[mode]
+        files[mode] = os.path.join(out, f"{stem}_{table.get(options.io, table.get('float32'))}.tflite")
     missing = [kind for kind, path in files.items() if not os.path.isfile(path)]
     if code != 0 or missing:
         with open(log_path, errors="replace") as f:
@@ -324,7 +334,7 @@ def check_against_source(source: SourceModel, tflite_path: str, images: np.ndarr
 
 def onnx_to_tflite(path: str, outputs: dict[str, str], calibration: np.ndarray,
                    options: ImportOptions = ImportOptions(), check_images: np.ndarray | None = None) -> dict:
-    """Convert the ONNX file `path` into TFLite files {'float': OUT[, 'int8': OUT]} and check them.
+    """Convert the ONNX file `path` into TFLite files {mode: OUT} (one onnx2tf run) and check them.
 
     `calibration` holds raw pixels (N, H, W, 3) at the model's resolution (see inspect_onnx).
     Returns a report: the source's description, the files written, and their agreement with
@@ -340,9 +350,11 @@ def onnx_to_tflite(path: str, outputs: dict[str, str], calibration: np.ndarray,
     if calibration.shape[1:3] != source.resolution:
         raise UserError(f"calibration images are {calibration.shape[1]}x{calibration.shape[2]}; "
                         f"{path} takes {source.resolution[0]}x{source.resolution[1]}")
-    wanted = {"float"} | ({"int8"} if options.int8 else set())
-    if set(outputs) != wanted:
-        raise UserError(f"outputs must name {sorted(wanted)} files (got {sorted(outputs)})")
+    if not outputs:
+        raise UserError("name at least one output file")
+    unknown = [m for m in outputs if m not in ONNX2TF_FILES]
+    if unknown:
+        raise UserError(f"mode {unknown[0]!r} is not available for ONNX -> TFLite (choose from {', '.join(ONNX2TF_FILES)})")
     onnx = _import_onnx()
     with tempfile.TemporaryDirectory(prefix="edge-effnet-onnx2tf-") as work:
         prepared, input_name = prepare(model, source)
@@ -350,7 +362,7 @@ def onnx_to_tflite(path: str, outputs: dict[str, str], calibration: np.ndarray,
         onnx.save(prepared, prepared_path)
         print(f"converting {path} with onnx2tf (offline, {len(calibration)} calibration images) ...",
               file=sys.stderr)
-        made = run_onnx2tf(prepared_path, input_name, calibration, work, options)
+        made = run_onnx2tf(prepared_path, input_name, calibration, work, outputs, options)
         for kind, made_path in made.items():
             with atomic_file(outputs[kind]) as tmp:
                 shutil.copyfile(made_path, tmp)
