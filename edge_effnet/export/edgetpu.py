@@ -116,27 +116,30 @@ def check_op(model: Model, op: Operator) -> list[str]:
     spec = r["ops"].get(op.op)
     if spec is None:
         reasons.append(f"{op.op} is not an Edge TPU operation")
-    for i in (*op.inputs, *op.outputs):
-        t = model.tensor(i)
+    found: dict[str, list] = {}  # problem -> tensors with it; one reason per problem
+    for t in (model.tensor(i) for i in (*op.inputs, *op.outputs)):
         if t is None:
             continue
         if t.constant:
             if t.dtype not in r["constant_dtypes"]:
-                reasons.append(f"{t.dtype} constant '{t.name}' (weights must be int8)")
+                found.setdefault(f"{t.dtype} weights (must be int8)", []).append(t)
             continue
         if t.dtype not in r["activation_dtypes"]:
-            reasons.append(f"{t.dtype} tensor '{t.name}' (the Edge TPU computes in int8/uint8)")
+            found.setdefault(f"{t.dtype} tensor (the Edge TPU computes in int8/uint8)", []).append(t)
         if t.dynamic:
-            reasons.append(f"tensor '{t.name}' has a dynamic shape {t.shape_signature} (sizes must be fixed)")
+            found.setdefault(f"dynamic shape {tuple(t.shape_signature)} (sizes must be fixed)", []).append(t)
         outer = t.shape[:-r["max_dims_above_one"]]
         if len(t.shape) > r["max_rank"] or any(d > 1 for d in outer):
-            reasons.append(f"tensor '{t.name}' has shape {tuple(t.shape)}: at most {r['max_rank']} dims, and only the "
-                           f"{r['max_dims_above_one']} innermost may exceed 1")
+            found.setdefault(f"shape {tuple(t.shape)}: at most {r['max_rank']} dims and only the "
+                             f"{r['max_dims_above_one']} innermost may exceed 1", []).append(t)
+    for problem, tensors in found.items():
+        more = f" and {len(tensors) - 1} more" if len(tensors) > 1 else ""
+        reasons.append(f"{problem}: '{tensors[0].name}'{more}")
     if spec is not None and spec.get("check"):
         why = _check_limitation(model, op, spec["check"])
         if why:
             reasons.append(why)
-    return list(dict.fromkeys(reasons))  # drop repeats, keep order
+    return reasons
 
 
 def quantization(model: Model) -> dict:
