@@ -14,7 +14,6 @@ import collections
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -36,13 +35,12 @@ CASES = [  # variant, label, quantize (None: float), io dtype, batch
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    import ai_edge_litert
     import tensorflow as tf
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-            "tensorflow": tf.__version__, "ai_edge_litert": getattr(ai_edge_litert, "__version__", "?"),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "loadavg_start": os.getloadavg()}
+    from edge_effnet.bench import load_average, machine_info
+
+    return {**machine_info(), "tensorflow": tf.__version__,
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "loadavg_start": load_average()}
 
 
 def convert(variant: str, quantize: str | None, io: str, batch: int | None, calibration, path: str) -> float:
@@ -87,7 +85,7 @@ def summarize(variant: str, label: str, report: dict, seconds: float) -> dict:
 
 def markdown(rows: list[dict], info: dict) -> str:
     lines = ["# Edge TPU pre-flight: b0, lite0, edgetpu-s", "",
-             f"{info['date']}, {info['cpu']} ({info['cores']} cores), TensorFlow {info['tensorflow']}, "
+             f"{info['date']}, {info['cpu_model']} ({info['cpu_count']} cores), TensorFlow {info['tensorflow']}, "
              f"load average {info['loadavg_start'][0]:.2f} at start. Made by `benchmarks/edgetpu_preflight.py`; "
              "rules: `edge_effnet/data/edgetpu_ops.json` (Edge TPU compiler 16). `edgetpu_compiler` is not "
              "installable here (x86-64 Linux apt package from Coral), so these are the pre-flight's predictions.", "",
@@ -109,6 +107,7 @@ def markdown(rows: list[dict], info: dict) -> str:
 
 
 def main():
+    from edge_effnet.bench import load_average
     from edge_effnet.data import calibration_set
     from edge_effnet.models import import_keras
 
@@ -127,7 +126,7 @@ def main():
             seconds = convert(variant, quantize, io, batch, calibration, path)
             rows.append(summarize(variant, label, preflight(path), seconds))
             print(rows[-1]["variant"], rows[-1]["export"], rows[-1]["verdict"], file=sys.stderr)
-    info["loadavg_end"] = os.getloadavg()
+    info["loadavg_end"] = load_average()
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "edgetpu_preflight.json"), "w") as f:
         json.dump({"machine": info, "calibration": "32 scikit-image photos", "weights": "random (untrained)",
