@@ -77,6 +77,12 @@ def test_small_variant_float_and_int8_pass_self_check(small, exported):
                    and init.get(n.input[0]) is not None and init[n.input[0]].data_type == onnx.TensorProto.INT8
                    and np.prod(init[n.input[1]].dims) > 1]
     assert per_channel, "weights should carry one scale per output channel"
+    from edge_effnet.export.onnx import inspect
+
+    info = inspect(report["files"]["int8"])
+    assert info["opset"] == 18 and info["layout"] == "nhwc" and info["dynamic_shape_ops"] == []
+    assert "int8 static QDQ" in info["quantization"] and {"op": "Softmax", "count": 1} in info["ops"]
+    assert inspect(report["files"]["fp32"])["quantization"] == "none (float32)"
     qmeta = {p.key: p.value for p in quantized.metadata_props}
     assert qmeta["variant"] == spec.name and "per-channel" in qmeta["quantization"]
     assert qmeta["calibration_images"] == str(len(images))

@@ -218,3 +218,36 @@ def export_onnx(model, outputs: dict[str, str], calibration: np.ndarray, *, meta
     checks["fp32"]["limit"] = FLOAT_MAX_ABS_DIFF
     return {"files": {kind: os.path.abspath(p) for kind, p in outputs.items()}, "checks": checks,
             "opset": options.opset, "layout": options.layout}
+
+
+def convert(model, settings: dict, calibration: np.ndarray | None = None, *, layout: str = "nhwc",
+            metadata: dict[str, str] | None = None) -> bytes:
+    """The ONNX file for one mode's `settings` (formats table: {"quantize": bool, "per_channel": bool,
+    "opset": int}) as bytes: float, or int8 QDQ calibrated on `calibration` (raw pixels)."""
+    options = OnnxOptions(opset=settings.get("opset", OnnxOptions.opset), layout=layout,
+                          per_channel=settings.get("per_channel", True))
+    with tempfile.TemporaryDirectory(prefix="edge-effnet-onnx-") as work:
+        path = os.path.join(work, "model.onnx")
+        keras_to_onnx(model, path, metadata=metadata, options=options)
+        if settings.get("quantize"):
+            if calibration is None or not len(calibration):
+                raise UserError("int8 ONNX needs calibration images")
+            path = quantize_onnx(path, os.path.join(work, "model_int8.onnx"), calibration, options=options)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def inspect(path: str) -> dict:
+    """What an ONNX file holds: op counts, opset, input layout, whether it is QDQ-quantized."""
+    import onnx
+
+    proto = onnx.load(path, load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    props = {p.key: p.value for p in proto.metadata_props}
+    return {"ops": [{"op": op, "count": n} for op, n in sorted(counts.items())], "num_ops": len(proto.graph.node),
+            "opset": max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None),
+            "layout": props.get("layout"), "quantization": props.get("quantization", "none (float32)"),
+            "dynamic_shape_ops": sorted({op for op in counts if op in ("Shape", "ConstantOfShape", "NonZero")})}
