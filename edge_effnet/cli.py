@@ -261,3 +261,69 @@ def eval_(model, data, reference, weights, backend, limit, json_out, force):
         with atomic_file(json_out) as tmp, open(tmp, "w") as f:
             json.dump(result, f, indent=1)
         click.echo(f"wrote {json_out}")
+def export_options(f):
+    """Every `edge-effnet export` option but the model ones; mode flags come from the formats table."""
+    from .export.api import NUM_CALIB
+    from .export.formats import IO_CHOICES, MODES
+
+    opts = [click.option("--model", "model_path", type=click.Path(dir_okay=False),
+                         help="Export this .keras file instead of building --variant/--phi/--width."),
+            click.option("--weights", default="none", show_default=True,
+                         help="none | imagenet | PATH (.h5 / .weights.h5) | torch:PATH.")]
+    opts += [click.option(m.flag, f"mode_{m.name}", is_flag=True, help=m.description) for m in MODES.values()]
+    opts += [
+        click.option("--io", type=click.Choice(IO_CHOICES),
+                     help="Input/output dtype (int8 default: uint8; int16x8: float32 or int16)."),
+        click.option("--calib", metavar="DIR_OR_NPY",
+                     help="Calibration images: a folder (searched recursively) or an (N,H,W,3) .npy. "
+                          "Without it: synthetic images, accuracy unknown."),
+        click.option("--num-calib", type=click.IntRange(min=1), default=NUM_CALIB, show_default=True,
+                     help="How many calibration images to use."),
+        click.option("--labels", type=click.Path(dir_okay=False), help="Class names, one per line -> labels.txt."),
+        click.option("-o", "--output", metavar="OUTDIR", help="Bundle folder (default: <model>-<mode>)."),
+        click.option("--force", is_flag=True, help="Replace OUTDIR if it exists."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def export_options_from(opts: dict):
+    """CLI keyword arguments -> ExportOptions (raises UsageError on conflicting flags)."""
+    from .export.api import ExportOptions
+    from .export.formats import DEFAULT_MODE, MODES
+
+    chosen = [name for name in MODES if opts.pop(f"mode_{name}")]
+    if len(chosen) > 1:
+        raise click.UsageError(f"{' and '.join('--' + c for c in chosen)} conflict: pick one mode")
+    model_path = opts.pop("model_path")
+    naming = [k for k in ("variant", "phi", "width", "depth") if opts.get(k) is not None]
+    if model_path and naming:
+        raise click.UsageError(f"--model and --{naming[0]} were given together; name the model one way")
+    if model_path:
+        extra = [k for k, v in opts.items() if v is not None and k in
+                 ("alpha", "beta", "gamma", "resolution", "family")]
+        if extra:
+            raise click.UsageError(f"--{extra[0]} does not apply to --model")
+        spec = None
+        for k in ("variant", "phi", "alpha", "beta", "gamma", "width", "depth", "resolution", "family"):
+            opts.pop(k)
+    else:
+        spec = spec_from(opts)
+    return ExportOptions(spec=spec, model_path=model_path, mode=chosen[0] if chosen else DEFAULT_MODE, **opts)
+
+
+@main.command()
+@model_options
+@export_options
+def export(**opts):
+    """Export a model to TFLite as a checked deployment bundle (model, manifest.json, labels.txt)."""
+    from .export.api import export as run_export, summary, validate, warning_lines
+
+    options = export_options_from(opts)
+    validate(options)
+    result = run_export(options, echo=lambda line: click.echo(line, err=True))
+    for line in summary(result):
+        click.echo(line)
+    for line in warning_lines(result):
+        click.echo(line, err=True)

@@ -55,9 +55,14 @@ def load_image(path: str, resolution: int, crop_fraction: float | None = None) -
 
 
 def progress(items, label: str, total: int | None = None):
-    """A progress bar on stderr (click's) for long loops."""
+    """A progress bar on stderr (click's) for long loops; silent when stderr is not a terminal
+    (click would print the bare label there, and an error must stay one line)."""
+    import contextlib
+
     import click
 
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext(items)
     return click.progressbar(items, label=label, length=total, file=sys.stderr, show_pos=True)
 
 

@@ -45,6 +45,9 @@ def atomic_dir(path: str, force: bool = False):
     check_output(path, force)
     parent, base = os.path.split(os.path.abspath(path))
     tmp = tempfile.mkdtemp(prefix=f".{base}.partial-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a bundle is an ordinary folder
     try:
         yield tmp
         if os.path.exists(path):

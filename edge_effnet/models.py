@@ -1,6 +1,7 @@
 """Model objects from specs or files: build + weights, save atomically, load .keras files."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -8,6 +9,40 @@ import tempfile
 from .errors import UserError
 from .fsutil import atomic_file
 from .spec import ModelSpec
+
+
+@contextlib.contextmanager
+def quiet_output(fds=(2,)):
+    """Keep C++ chatter written straight to these file descriptors (TensorFlow's start-up lines,
+    the TFLite converter's log) off the console; it is replayed on stderr only if the block fails.
+
+    Python's own sys.stderr keeps pointing at the console, so progress bars still show.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in fds]
+    python_stderr = sys.stderr
+    with tempfile.TemporaryFile() as log:
+        for fd in fds:
+            os.dup2(log.fileno(), fd)
+        if 2 in fds:
+            sys.stderr = os.fdopen(os.dup(saved[fds.index(2)]), "w", buffering=1)
+        try:
+            yield
+        except BaseException:
+            for fd, keep in zip(fds, saved):
+                os.dup2(keep, fd)
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace"))
+            raise
+        finally:
+            sys.stdout.flush()
+            if sys.stderr is not python_stderr:
+                sys.stderr.close()
+                sys.stderr = python_stderr
+            for fd, keep in zip(fds, saved):
+                os.dup2(keep, fd)
+                os.close(keep)
 
 
 def import_keras():
@@ -20,20 +55,9 @@ def import_keras():
         return sys.modules["keras"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")  # CPU toolkit: skip the CUDA probe
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as log:
-        os.dup2(log.fileno(), 2)
-        try:
-            import keras
-            import tensorflow  # noqa: F401
-        except BaseException:
-            os.dup2(saved, 2)
-            log.seek(0)
-            sys.stderr.write(log.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    with quiet_output():
+        import keras
+        import tensorflow  # noqa: F401
     return keras
 
 
@@ -67,3 +91,45 @@ def load_model_file(path: str):
         return keras.models.load_model(path, compile=False)
     except Exception as exc:
         raise UserError(f"cannot load {path} as a Keras model: {str(exc).splitlines()[0]}") from None
+
+
+def data_init(model, images, logit_std: float = 3.0):
+    """Give a random-weight model realistic activations, for export-fidelity tests and benchmarks
+    when no trained weights exist (a random EfficientNet's features vanish: its scores are uniform).
+
+    Every BatchNormalization takes its statistics from `images` (raw pixels, one pass in training
+    mode with momentum 0), then the classifier is scaled so logits have std `logit_std`. Build the
+    model with dropout=0 and drop_connect=0. The model is changed in place and returned.
+    """
+    import numpy as np
+
+    keras = import_keras()
+    x = np.asarray(images, np.float32)
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [bn.momentum for bn in bns]
+    batch_model = keras.Model(model.inputs, model.outputs) if model.inputs[0].shape[0] is None else None
+    if batch_model is None:  # a batch-1 graph: rebuild the same layers on a free batch dimension
+        batch_model = keras.Model.from_config(_free_batch(model.get_config()))
+        batch_model.set_weights(model.get_weights())
+    for bn in batch_model.layers:
+        if isinstance(bn, keras.layers.BatchNormalization):
+            bn.momentum = 0.0
+    batch_model(x, training=True)
+    model.set_weights(batch_model.get_weights())
+    for bn, momentum in zip(bns, saved):
+        bn.momentum = momentum
+    dense = model.layers[-1]
+    features = keras.Model(model.inputs, dense.input)
+    feats = np.concatenate([np.asarray(features(x[i:i + 1])) for i in range(len(x))])
+    kernel, bias = dense.get_weights()
+    logits = feats @ kernel
+    dense.set_weights([kernel * (logit_std / max(float(logits.std()), 1e-12)), bias * 0])
+    return model
+
+
+def _free_batch(config: dict) -> dict:
+    for layer in config["layers"]:
+        if layer["class_name"] == "InputLayer":
+            shape = layer["config"].get("batch_shape")
+            layer["config"]["batch_shape"] = [None, *shape[1:]]
+    return config

@@ -1,0 +1,205 @@
+"""export(): model -> converted file(s) -> self-check -> deployment bundle. The CLI calls this.
+
+    from edge_effnet.export.api import ExportOptions, export
+    result = export(ExportOptions(spec=get_variant("b0"), mode="int8", calib="photos/"))
+    result.output, result.manifest["files"][0]["selfcheck"]
+
+Order of work: cheap validation first (no TensorFlow), then images, then the model, then
+conversion and self-check inside a temporary folder that becomes the bundle only at the end.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+from ..spec import ModelSpec
+from . import bundle
+from .formats import DEFAULT_FORMATS, DEFAULT_MODE, FORMATS, Mode, check_combination, get_mode
+
+NUM_CALIB = 100   # calibration images (int8, int16x8)
+NUM_CHECK = 20    # self-check images (taken from the calibration images)
+
+
+@dataclass
+class ExportOptions:
+    spec: ModelSpec | None = None        # a model named by variant/phi/width...
+    model_path: str | None = None        # ...or a .keras file
+    weights: str = "none"                # none | imagenet | PATH | torch:PATH (with spec)
+    mode: str = DEFAULT_MODE             # a formats.MODES key
+    io: str | None = None                # input/output dtype; None: the mode's default
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    calib: str | None = None             # folder or .npy; None: synthetic (accuracy unknown)
+    num_calib: int = NUM_CALIB
+    num_check: int = NUM_CHECK
+    labels: str | None = None            # labels file, one class per line
+    output: str | None = None            # bundle folder; None: <name>-<mode> in the cwd
+    force: bool = False
+    backend: str = "auto"                # runtime for the self-check
+
+
+@dataclass
+class ExportResult:
+    output: str
+    manifest: dict
+    paths: list[str] = field(default_factory=list)
+
+
+def model_name(options: ExportOptions) -> str:
+    if options.spec is not None:
+        return options.spec.name
+    return os.path.splitext(os.path.basename(options.model_path))[0]
+
+
+def validate(options: ExportOptions) -> tuple[Mode, str, str]:
+    """Cheap checks before any heavy import; returns (mode, io, output folder)."""
+    from ..fsutil import check_output
+    from ..weights import check_weights_arg
+
+    if (options.spec is None) == (options.model_path is None):
+        raise UserError("name one model: --variant/--phi/--width... or --model FILE.keras")
+    if options.model_path is not None:
+        if not options.model_path.endswith(".keras"):
+            raise UserError(f"--model takes a .keras file (got {options.model_path})")
+        if not os.path.isfile(options.model_path):
+            raise UserError(f"model file not found: {options.model_path}")
+        if options.weights not in (None, "", "none"):
+            raise UserError("--weights applies to --variant/--phi/--width models; a --model file has its own")
+    else:
+        check_weights_arg(options.weights, options.spec)
+    mode = get_mode(options.mode)
+    io = check_combination(mode, tuple(options.formats), options.io)
+    if options.num_calib < 1 or options.num_check < 1:
+        raise UserError("--num-calib must be >= 1")
+    if options.calib is not None and not os.path.exists(options.calib):
+        raise UserError(f"calibration source not found: {options.calib}")
+    if options.labels is not None and not os.path.isfile(options.labels):
+        raise UserError(f"labels file not found: {options.labels}")
+    output = options.output or bundle.default_output(model_name(options), mode.name)
+    check_output(output, options.force)
+    return mode, io, output
+
+
+def _batch1(model):
+    """The same model with its batch dimension fixed to 1 (static graph, no SHAPE/PACK ops)."""
+    if model.inputs[0].shape[0] == 1:
+        return model
+    config = model.get_config()
+    for layer in config["layers"]:
+        if layer["class_name"] == "InputLayer":
+            shape = layer["config"].get("batch_shape") or layer["config"].get("batch_input_shape")
+            layer["config"]["batch_shape"] = [1, *shape[1:]]
+            layer["config"].pop("batch_input_shape", None)
+    fixed = model.__class__.from_config(config)
+    fixed.set_weights(model.get_weights())
+    return fixed
+
+
+def load_model(options: ExportOptions):
+    """The Keras float model, batch 1."""
+    from ..models import create_model, import_keras, load_model_file
+
+    import_keras()
+    if options.spec is not None:
+        return create_model(options.spec, options.weights, batch_size=1)
+    return _batch1(load_model_file(options.model_path))
+
+
+def export(options: ExportOptions, echo=None) -> ExportResult:
+    """Export one model in one mode to every requested format; write the checked bundle."""
+    from ..data import calibration_set
+    from ..fsutil import atomic_dir
+    from .selfcheck import reference_scores, selfcheck
+
+    echo = echo or (lambda line: print(line, file=sys.stderr))
+    started = time.perf_counter()
+    mode, io, output = validate(options)
+    name = model_name(options)
+    warnings = []
+    if options.spec is not None and options.weights in (None, "", "none"):
+        warnings.append(bundle.RANDOM_WEIGHTS_WARNING)
+    if mode.calibration and options.calib is None:
+        warnings.append(bundle.SYNTHETIC_WARNING)
+
+    model = None
+    if options.spec is not None:
+        resolution = options.spec.resolution
+    else:  # the file says its resolution
+        echo(f"loading {options.model_path}")
+        model = load_model(options)
+        resolution = int(model.inputs[0].shape[1])
+    count = max(options.num_calib if mode.calibration else 0, options.num_check)
+    images, calib_info = calibration_set(options.calib, resolution, count)
+    check = images[:options.num_check]
+    if model is None:
+        echo(f"building {name} (resolution {resolution}, weights {options.weights or 'none'})")
+        model = load_model(options)
+    num_classes = int(model.outputs[0].shape[-1])
+    labels = bundle.read_labels(options.labels, num_classes) if options.labels else None
+    reference = reference_scores(model, check)
+
+    records, paths = [], []
+    with atomic_dir(output, options.force) as tmp:
+        for fmt_name in options.formats:
+            fmt = FORMATS[fmt_name]
+            converter = importlib.import_module(fmt.module)
+            echo(f"converting to {fmt.name} {mode.name}" + (f" ({io} in/out)" if io != "float32" else ""))
+            t0 = time.perf_counter()
+            data = converter.convert(model, mode, io, images[:options.num_calib] if mode.calibration else None)
+            seconds = time.perf_counter() - t0
+            filename = bundle.model_filename(name, mode.name, fmt.suffix)
+            path = os.path.join(tmp, filename)
+            with open(path, "wb") as f:
+                f.write(data)
+            figures = selfcheck(path, check, reference, options.backend, mode.min_cosine)
+            record = {**bundle.file_record(path), "format": fmt.name, "mode": mode.name, "io": io,
+                      "input": figures.pop("input"), "output": figures.pop("output"),
+                      "export_seconds": round(seconds, 2), **converter.inspect(path), "selfcheck": figures}
+            record["verified_runtimes"] = [f"{figures['runtime']} {figures['runtime_version']}"]
+            if len(record.get("float_activations", ())) > 20:
+                record["float_activations"] = f"{len(record['float_activations'])} (float model)"
+            records.append(record)
+            paths.append(os.path.join(output, filename))
+        calibration = None
+        if mode.calibration:
+            calibration = {**calib_info, "count": min(calib_info["count"], options.num_calib)}
+        manifest = bundle.build_manifest(
+            name=name, spec=options.spec, source=options.model_path or "builder", weights=options.weights or "none",
+            resolution=resolution, num_classes=num_classes,
+            mode={"name": mode.name, "description": mode.description, "io": io}, calibration=calibration,
+            files=records, labels=labels, warnings=warnings,
+            check_images={"source": calib_info["source"], "count": int(len(check)),
+                          "synthetic": calib_info["synthetic"]})
+        manifest["export_seconds"] = round(time.perf_counter() - started, 2)
+        bundle.write_bundle(tmp, manifest, labels)
+    return ExportResult(output=output, manifest=manifest, paths=paths)
+
+
+def summary(result: ExportResult) -> list[str]:
+    """Console lines for a finished export (the CLI prints these)."""
+    lines = []
+    for rec in result.manifest["files"]:
+        check = rec["selfcheck"]
+        lines.append(f"wrote {os.path.join(result.output, rec['file'])}: {rec['size_bytes'] / 1e6:.2f} MB, "
+                     f"input {rec['input']['dtype']} {rec['input']['shape']}, "
+                     f"output {rec['output']['dtype']} {rec['output']['shape']}, "
+                     f"converted in {rec['export_seconds']:.1f} s")
+        lines.append(f"self-check ({check['runtime']} {check['runtime_version']}, {check['images']} images): "
+                     f"top-1 agreement {check['top1_agreement']:.1%}, top-5 overlap {check['top5_overlap']:.1%}, "
+                     f"cosine {check['cosine_mean']:.4f} (min {check['cosine_min']:.4f})")
+    lines.append(f"bundle: {result.output}/ (manifest.json" + (", labels.txt" if result.manifest["labels"] else "")
+                 + f"), {result.manifest['export_seconds']:.1f} s in all")
+    return lines
+
+
+def warning_lines(result_or_warnings) -> list[str]:
+    warnings = result_or_warnings.manifest["warnings"] if isinstance(result_or_warnings, ExportResult) \
+        else result_or_warnings
+    if not warnings:
+        return []
+    bar = "!" * 78
+    return [bar] + [f"!! WARNING: {w}" for w in warnings] + [bar]
+

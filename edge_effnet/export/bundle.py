@@ -1,0 +1,143 @@
+"""The deployment bundle: model file(s) + manifest.json + labels.txt, written atomically.
+
+Layout of a bundle folder (e.g. `b1-int8/`):
+    b1_int8.tflite   the model (one file per exported format)
+    manifest.json    what an app needs to feed it and what was checked (see build_manifest)
+    labels.txt       one class name per line, when the classes are known
+
+Readers (tools/rpi_classify.py, the benchmarks, other exporters) use read_manifest().
+Standard library only.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import sys
+
+from .. import __version__
+from ..data import CROP_PADDING
+from ..errors import UserError
+from ..spec import PREPROCESSING, ModelSpec, spec_to_dict
+
+MANIFEST = "manifest.json"
+LABELS = "labels.txt"
+SCHEMA_VERSION = 1
+SYNTHETIC_WARNING = ("calibrated on SYNTHETIC images: the accuracy of this model is UNKNOWN; "
+                     "pass --calib DIR_OR_NPY with a few hundred real images from your domain")
+RANDOM_WEIGHTS_WARNING = ("random weights (--weights none): the model is untrained, its predictions "
+                          "are meaningless; use --weights imagenet|PATH or --model FILE.keras")
+
+
+def default_output(name: str, mode: str) -> str:
+    """The bundle folder when -o is not given: `<model>-<mode>` in the current folder."""
+    return f"{name}-{mode}"
+
+
+def model_filename(name: str, mode: str, suffix: str) -> str:
+    return f"{name.replace('.', '_')}_{mode}{suffix}"
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_record(path: str) -> dict:
+    return {"file": os.path.basename(path), "size_bytes": os.path.getsize(path), "sha256": sha256(path)}
+
+
+def tool_versions() -> dict:
+    """Versions of the tools that made the bundle (only modules already imported: no import cost)."""
+    versions = {"edge_effnet": __version__, "python": platform.python_version()}
+    for module in ("numpy", "tensorflow", "keras", "ai_edge_litert", "tflite_runtime", "onnx", "onnxruntime",
+                   "tf2onnx", "onnx2tf"):
+        if module in sys.modules:
+            versions[module] = getattr(sys.modules[module], "__version__", "unknown")
+    return versions
+
+
+def preprocessing_record(spec: ModelSpec | None, resolution: int) -> dict:
+    """How an app turns a photo into the model's input (normalization is inside the graph)."""
+    record = {"input": "raw RGB pixels, NHWC, batch 1", "pixel_range": [0, 255], "resolution": resolution,
+              "resize": "center square crop of crop_fraction x the short side, bicubic resize to resolution",
+              "crop_fraction": round(resolution / (resolution + CROP_PADDING), 6),
+              "color": "RGB (grayscale and RGBA converted to RGB)"}
+    if spec is not None:
+        record["in_graph_normalization"] = {"kind": spec.preprocessing, **PREPROCESSING[spec.preprocessing],
+                                            "formula": "(pixel - mean) / std"}
+    else:
+        record["in_graph_normalization"] = "as built into the given .keras model (edge-effnet builds take 0..255)"
+    return record
+
+
+def build_manifest(*, name: str, spec: ModelSpec | None, source: str, weights: str, resolution: int,
+                   num_classes: int, mode: dict, calibration: dict | None, files: list[dict],
+                   labels: list[str] | None, warnings: list[str], check_images: dict) -> dict:
+    """The manifest as a dict. `files` holds one record per exported file (file_record + inspect
+    + selfcheck figures); the first is the primary model."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "name": name,
+        "source": source,
+        "spec": spec_to_dict(spec) if spec is not None else None,
+        "weights": weights,
+        "accuracy_known": not warnings,
+        "warnings": warnings,
+        "num_classes": num_classes,
+        "labels": LABELS if labels else None,
+        "preprocessing": preprocessing_record(spec, resolution),
+        "quantization": mode,
+        "calibration": calibration,
+        "check_images": check_images,
+        "files": files,
+        "tools": tool_versions(),
+    }
+
+
+def write_bundle(folder: str, manifest: dict, labels: list[str] | None) -> None:
+    """Write manifest.json and labels.txt into `folder` (the temporary folder of atomic_dir)."""
+    if labels:
+        with open(os.path.join(folder, LABELS), "w") as f:
+            f.write("\n".join(labels) + "\n")
+    with open(os.path.join(folder, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+
+
+def read_labels(path: str, num_classes: int | None = None) -> list[str]:
+    """A labels file: one class name per line (blank lines at the end ignored)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            labels = [line.rstrip("\r\n") for line in f]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read labels file {path}: {exc}") from None
+    while labels and not labels[-1].strip():
+        labels.pop()
+    if not labels:
+        raise UserError(f"labels file {path} is empty")
+    if num_classes is not None and len(labels) != num_classes:
+        raise UserError(f"labels file {path} has {len(labels)} lines but the model has {num_classes} classes")
+    return labels
+
+
+def read_manifest(bundle: str) -> dict:
+    """The manifest of a bundle folder (or of the folder holding a given model file)."""
+    folder = bundle if os.path.isdir(bundle) else os.path.dirname(os.path.abspath(bundle))
+    path = os.path.join(folder, MANIFEST)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{folder} is not an export bundle (no {MANIFEST})") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"{path}: unknown manifest schema {manifest.get('schema_version')!r}")
+    return manifest

@@ -1,0 +1,100 @@
+"""The export formats and quantization modes, as data.
+
+This table drives the CLI (one `--<mode>` flag per mode, `--io` validation), the exporter's
+dispatch (a format's `module` exposes `convert()` and `inspect()`) and the README's table.
+Standard library only: `edge-effnet export --help` reads it without TensorFlow.
+
+To add a format: a Format row plus a `settings[format]` entry in each Mode it supports.
+To add a mode: a Mode row (its flag appears on `edge-effnet export` by itself).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    suffix: str          # file name: <model>_<mode><suffix>
+    module: str          # import path of the converter: convert(model, mode, io, calibration) -> bytes
+    description: str
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    description: str
+    io: tuple[str, ...]              # allowed input/output dtypes; the first is the default
+    calibration: bool                # needs a representative data set
+    settings: dict = field(default_factory=dict)   # format name -> converter settings (data)
+    # Self-check floor: mean cosine similarity to the Keras float model below which the export
+    # fails (a converter bug, not quantization noise). None: reported, never fatal.
+    min_cosine: float | None = None
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.name}"
+
+
+FORMATS: dict[str, Format] = {
+    "tflite": Format("tflite", ".tflite", "edge_effnet.export.tflite",
+                     "TensorFlow Lite flatbuffer: ai-edge-litert, tflite-runtime, Android, Raspberry Pi"),
+}
+
+# TFLite settings map onto tf.lite.TFLiteConverter attributes: optimizations, supported_ops
+# (tf.lite.OpsSet names), supported_types (dtype names).
+MODES: dict[str, Mode] = {
+    "fp32": Mode("fp32", "float32 weights and activations (reference)", ("float32",), False,
+                 {"tflite": {}}, min_cosine=0.999),
+    "fp16": Mode("fp16", "float16 weights, float32 compute (half the size, GPU delegates)", ("float32",), False,
+                 {"tflite": {"optimizations": ["DEFAULT"], "supported_types": ["float16"]}}, min_cosine=0.99),
+    "dynamic": Mode("dynamic", "int8 weights, float activations quantized on the fly (no calibration)",
+                    ("float32",), False, {"tflite": {"optimizations": ["DEFAULT"]}}),
+    "int8": Mode("int8", "full integer: int8 weights and activations, uint8 pixels in, uint8 scores out",
+                 ("uint8", "int8", "float32"), True,
+                 {"tflite": {"optimizations": ["DEFAULT"], "supported_ops": ["TFLITE_BUILTINS_INT8"]}}),
+    "int16x8": Mode("int16x8", "int16 activations, int8 weights (closer to float than int8; slower)",
+                    ("float32", "int16"), True,
+                    {"tflite": {"optimizations": ["DEFAULT"],
+                                "supported_ops": ["EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8"]}}),
+}
+DEFAULT_MODE = "fp32"
+DEFAULT_FORMATS = ("tflite",)
+IO_CHOICES = ("uint8", "int8", "int16", "float32")
+
+
+def get_mode(name: str) -> Mode:
+    if name not in MODES:
+        raise UserError(f"unknown mode {name!r} (choose from {', '.join(MODES)})")
+    return MODES[name]
+
+
+def get_format(name: str) -> Format:
+    if name not in FORMATS:
+        raise UserError(f"unknown format {name!r} (choose from {', '.join(FORMATS)})")
+    return FORMATS[name]
+
+
+def check_combination(mode: Mode, formats: tuple[str, ...], io: str | None) -> str:
+    """Validate mode x formats x io cheaply; return the io dtype to use."""
+    for name in formats:
+        get_format(name)
+        if name not in mode.settings:
+            raise UserError(f"mode {mode.name} is not available for format {name} "
+                            f"(it is for {', '.join(mode.settings)})")
+    if io is None:
+        return mode.io[0]
+    if io not in mode.io:
+        raise UserError(f"--io {io} does not apply to {mode.flag} (choose from {', '.join(mode.io)})")
+    return io
+
+
+def markdown_table() -> str:
+    """The modes table for the README (kept in sync by a test)."""
+    rows = ["| flag | formats | input/output (default first) | calibration | what |", "|---|---|---|---|---|"]
+    for m in MODES.values():
+        rows.append(f"| `{m.flag}` | {', '.join(m.settings)} | {', '.join(m.io)} | "
+                    f"{'yes' if m.calibration else 'no'} | {m.description} |")
+    return "\n".join(rows)

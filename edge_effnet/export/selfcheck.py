@@ -1,0 +1,72 @@
+"""Does an exported file load, run and agree with the Keras float model?
+
+The exported file is opened with the light runtime (edge_effnet.runtime.open_model: no
+TensorFlow for .tflite), fed the same raw pixels as the Keras model, and compared: top-1
+agreement, top-5 overlap, cosine similarity of the score vectors. A file that does not load or
+run raises CheckFailed (exit code 1).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import CheckFailed, UserError
+
+
+def reference_scores(model, images: np.ndarray) -> np.ndarray:
+    """The Keras float model's scores for raw pixels (N, H, W, 3), one image at a time (batch 1)."""
+    from ..models import import_keras
+
+    import_keras()
+    import tensorflow as tf
+
+    fn = tf.function(lambda x: model(x, training=False))
+    return np.stack([np.asarray(fn(tf.constant(img[None].astype(np.float32)))).reshape(-1) for img in images])
+
+
+def agreement(reference: np.ndarray, scores: np.ndarray, k: int = 5) -> dict:
+    """Top-1 agreement, mean top-k overlap and cosine similarity of two (N, classes) score arrays."""
+    reference, scores = np.asarray(reference, np.float64), np.asarray(scores, np.float64)
+    if reference.shape != scores.shape:
+        raise CheckFailed(f"output shape {scores.shape[1:]} differs from the Keras model's {reference.shape[1:]}")
+    n = min(k, reference.shape[1])  # fewer classes than k: top-n
+    top_ref = np.argsort(-reference, axis=1)[:, :n]
+    top = np.argsort(-scores, axis=1)[:, :n]
+    overlap = [len(set(a) & set(b)) / n for a, b in zip(top_ref, top)]
+    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(scores, axis=1)
+    cosine = np.sum(reference * scores, axis=1) / np.maximum(norms, 1e-30)
+    return {"images": int(len(reference)), "top1_agreement": float(np.mean(top_ref[:, 0] == top[:, 0])),
+            f"top{k}_overlap": float(np.mean(overlap)), "cosine_mean": float(np.mean(cosine)),
+            "cosine_min": float(np.min(cosine)), "max_abs_diff": float(np.max(np.abs(reference - scores)))}
+
+
+def run_file(path: str, images: np.ndarray, backend: str = "auto", num_threads: int = 1):
+    """Scores of an exported file on raw pixels, and the runner (for its input/output details)."""
+    from ..models import quiet_output
+    from ..runtime import open_model
+
+    try:
+        with quiet_output():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+            runner = open_model(path, backend, num_threads)
+        scores = np.stack([runner.classify(img) for img in images])
+    except CheckFailed:
+        raise
+    except UserError as exc:
+        raise CheckFailed(f"self-check: {exc}") from None
+    except Exception as exc:  # interpreter failures arrive as RuntimeError/ValueError with C++ text
+        raise CheckFailed(f"self-check: {path} failed to run: {str(exc).strip().splitlines()[0]}") from None
+    if not np.all(np.isfinite(scores)):
+        raise CheckFailed(f"self-check: {path} produced non-finite scores")
+    return scores, runner
+
+
+def selfcheck(path: str, images: np.ndarray, reference: np.ndarray, backend: str = "auto",
+              min_cosine: float | None = None) -> dict:
+    """Run `path` on `images` and compare with `reference` (the Keras scores); a dict of figures."""
+    scores, runner = run_file(path, images, backend)
+    figures = agreement(reference, scores)
+    figures.update(runtime=runner.backend, runtime_version=runner.version, input=runner.inputs[0],
+                   output=runner.outputs[0])
+    if min_cosine is not None and figures["cosine_mean"] < min_cosine:
+        raise CheckFailed(f"self-check: {path} disagrees with the Keras model (mean cosine "
+                          f"{figures['cosine_mean']:.4f} < {min_cosine}); the conversion is broken")
+    return figures

@@ -1,0 +1,186 @@
+"""TFLite export: every mode on a small and a full-size model, the bundle, the self-check,
+both runtimes (ai-edge-litert here, tflite-runtime 2.14 in its own numpy<2 venv), bad input."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, cli_env, photo_path, run_cli
+
+PHOTOS = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png", "horse.png",
+          "camera.png",  # grayscale
+          "logo.png",    # RGBA
+          "retina.jpg", "color.png", "hubble_deep_field.jpg", "ihc.png"]
+SMALL = dict(width=0.25, depth=0.25, resolution=64)
+TOOL = os.path.join(ROOT, "tools", "rpi_classify.py")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A calibration folder of real photos in nested folders, plus one corrupt file."""
+    folder = tmp_path_factory.mktemp("photos")
+    for i, name in enumerate(PHOTOS):
+        sub = folder / f"set{i % 2}"
+        sub.mkdir(exist_ok=True)
+        shutil.copy(photo_path(name), sub / name)
+    (folder / "set0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def trained_like_model(spec, path, num_classes=10):
+    """A random-weight model with data-derived BatchNorm statistics and a scaled classifier
+    (models.data_init), saved as .keras: its scores are far from uniform, so quantization
+    errors show in the agreement figures as they would for trained weights."""
+    from edge_effnet.data import load_image
+    from edge_effnet.models import create_model, data_init
+
+    model = create_model(spec, None, batch_size=1, num_classes=num_classes, dropout=0.0, drop_connect=0.0)
+    data_init(model, np.stack([load_image(photo_path(n), spec.resolution) for n in PHOTOS]))
+    model.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    from edge_effnet.variants import from_scaling
+
+    return trained_like_model(from_scaling(**SMALL), tmp_path_factory.mktemp("m") / "small.keras")
+
+
+def export(tmp_path, model_path, mode, **kw):
+    from edge_effnet.export.api import ExportOptions, export
+
+    options = ExportOptions(model_path=model_path, mode=mode, output=str(tmp_path / f"out-{mode}"), **kw)
+    return export(options, echo=lambda line: None)
+
+
+def check_bundle(result, mode):
+    manifest = json.loads(open(os.path.join(result.output, "manifest.json")).read())
+    assert manifest == json.loads(json.dumps(result.manifest))
+    rec = manifest["files"][0]
+    path = os.path.join(result.output, rec["file"])
+    assert rec["file"].endswith(f"_{mode}.tflite") and os.path.getsize(path) == rec["size_bytes"]
+    assert rec["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    assert rec["dynamic_shape_ops"] == [] and not {"SHAPE", "PACK", "STRIDED_SLICE"} & {o["op"] for o in rec["ops"]}
+    assert rec["input"]["shape"][0] == 1 and rec["min_runtime_version"]
+    assert not [n for n in os.listdir(os.path.dirname(os.path.abspath(result.output))) if ".partial-" in n]
+    return manifest, rec
+
+
+def test_int8_small_real_calibration(tmp_path, small_model, photos):
+    result = export(tmp_path, small_model, "int8", calib=str(photos), labels=None)
+    manifest, rec = check_bundle(result, "int8")
+    # uint8 pixels in (scale 1, zero point 0: raw bytes), uint8 scores out
+    assert rec["input"]["dtype"] == "uint8" and (rec["input"]["scale"], rec["input"]["zero_point"]) == (1.0, 0)
+    assert rec["output"]["dtype"] == "uint8" and rec["output"]["scale"] == pytest.approx(1 / 256)
+    # every tensor the converter could quantize is quantized: no float activations, no float weights
+    assert rec["float_activations"] == []
+    assert set(rec["tensor_types"]) <= {"INT8", "UINT8", "INT32"}, rec["tensor_types"]
+    ops = {o["op"] for o in rec["ops"]}
+    assert {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"} <= ops and "DEQUANTIZE" not in ops
+    # calibration: 12 readable photos (grayscale and RGBA converted), the corrupt one skipped and counted
+    cal = manifest["calibration"]
+    assert (cal["count"], cal["skipped"], cal["synthetic"]) == (len(PHOTOS), 1, False)
+    assert manifest["warnings"] == [] and manifest["accuracy_known"] is True
+    check = rec["selfcheck"]
+    assert check["images"] == len(PHOTOS) and check["runtime"] == "litert"
+    # a random-weight net is chaotic (small changes flip its top-1), so these floors are loose;
+    # fidelity on trained weights is measured by benchmarks/export_matrix.py and issue 7
+    assert check["top5_overlap"] >= 0.6 and check["cosine_mean"] > 0.3, check
+    assert manifest["preprocessing"]["in_graph_normalization"].startswith("as built")
+
+
+@pytest.mark.parametrize("mode, io", [("fp32", "float32"), ("fp16", "float32"), ("dynamic", "float32"),
+                                      ("int16x8", "float32"), ("int8", "int8")])
+def test_each_mode_small(tmp_path, small_model, photos, mode, io):
+    result = export(tmp_path, small_model, mode, calib=str(photos), io=io)
+    manifest, rec = check_bundle(result, mode)
+    assert rec["input"]["dtype"] == io and manifest["quantization"]["io"] == io
+    types, check = rec["tensor_types"], rec["selfcheck"]
+    if mode == "fp32":
+        assert set(types) <= {"FLOAT32", "INT32"} and check["top1_agreement"] == 1.0 and check["cosine_min"] > 0.9999
+    elif mode == "fp16":
+        assert "FLOAT16" in types and check["top1_agreement"] >= 0.9 and check["cosine_min"] > 0.99
+    elif mode == "dynamic":
+        assert "INT8" in types and "FLOAT32" in types and check["top5_overlap"] >= 0.6
+    elif mode == "int16x8":
+        assert "INT16" in types and check["top5_overlap"] >= 0.6
+        assert len(rec["float_activations"]) == 2, rec["float_activations"]  # float pixels in, scores out
+    else:  # int8 inside, int8 pixels: zero point -128 so pixel p is fed as p - 128
+        assert (rec["input"]["scale"], rec["input"]["zero_point"]) == (1.0, -128)
+        assert rec["float_activations"] == []
+
+
+def test_cli_main_job_synthetic_is_loud(tmp_path):
+    """`export --int8` on a fresh machine: random weights, synthetic calibration -> works, says so."""
+    result = run_cli("export", "--width", "0.25", "--depth", "0.25", "--resolution", "64", "--int8",
+                     "--num-calib", "8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    bundle = tmp_path / "custom-w0.25-d0.25-r64-int8"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["calibration"]["synthetic"] is True and manifest["accuracy_known"] is False
+    assert any("UNKNOWN" in w for w in manifest["warnings"]) and "UNKNOWN" in result.stderr
+    assert "self-check" in result.stdout and "top-1 agreement" in result.stdout
+    assert oct((bundle).stat().st_mode & 0o777) != "0o700"
+    assert sorted(os.listdir(bundle)) == ["custom-w0_25-d0_25-r64_int8.tflite", "manifest.json"]
+    again = run_cli("export", "--width", "0.25", "--depth", "0.25", "--resolution", "64", "--int8", cwd=tmp_path)
+    assert again.returncode == 2 and "--force" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+
+def _one_line_error(result, code=2):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_bad_input(tmp_path, photos):
+    small = ["--width", "0.25", "--depth", "0.25", "--resolution", "64"]
+    out = tmp_path / "out"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    junk = tmp_path / "junk"
+    (junk / "a").mkdir(parents=True)
+    (junk / "a" / "x.jpg").write_bytes(b"garbage")
+    (junk / "y.png").write_bytes(b"\x89PNG broken")
+    cases = [
+        (["--int8", "--fp16"], "conflict"),
+        (["--int8", "--calib", empty], "no images"),
+        (["--int8", "--calib", junk], "none of the 2 images"),
+        (["--int8", "--calib", tmp_path / "missing"], "not found"),
+        (["--fp32", "--io", "uint8"], "does not apply"),
+        (["--int8", "--model", "x.keras"], "together"),
+    ]
+    for args, message in cases:
+        line = _one_line_error(run_cli("export", *small, *args, "-o", out))
+        assert message in line, (args, line)
+        assert not out.exists() and not [n for n in os.listdir(tmp_path) if "partial" in n]
+
+
+def test_unwritable_output(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    target = "/sys/bundle" if os.geteuid() == 0 else locked / "bundle"  # root ignores permission bits
+    try:
+        line = _one_line_error(run_cli("export", "--variant", "b0", "--int8", "-o", target))
+        assert "not writable" in line and not os.path.exists(target)
+    finally:
+        locked.chmod(0o700)
+
+
+def legacy_python() -> str:
+    """The python of a numpy<2 venv with tflite-runtime 2.14 (.ci/run makes it)."""
+    path = os.environ.get("EDGE_EFFNET_LEGACY_PYTHON", "/work/venvs/legacy/bin/python")
+    if not os.path.exists(path):
+        if os.environ.get("CI"):
+            pytest.fail(f"EDGE_EFFNET_LEGACY_PYTHON={path} does not exist (.ci/run creates it)")
+        pytest.skip("no tflite-runtime 2.14 venv; set EDGE_EFFNET_LEGACY_PYTHON")
+    return path
