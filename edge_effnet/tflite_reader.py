@@ -60,7 +60,8 @@ class Tensor:
         if not self.data or self.dtype not in ("INT32", "INT64"):
             return None
         fmt = "i" if self.dtype == "INT32" else "q"
-        return struct.unpack(f"<{len(self.data) // struct.calcsize(fmt)}{fmt}", self.data)
+        n = len(self.data) // struct.calcsize(fmt)
+        return struct.unpack_from(f"<{n}{fmt}", self.data) if n else None
 
 
 @dataclass(frozen=True)
@@ -223,17 +224,25 @@ def read_tflite(path: str, subgraph: int = 0) -> Model:
         tensors.append(Tensor(i, r.string(t, _TENSOR["name"]) or "", type_name(r.scalar(t, _TENSOR["type"], "b", 0)),
                               tuple(shape), tuple(signature), constant, tuple(scale), tuple(zero), small))
 
+    def tensor_refs(table: int, slot: int, what: str, optional: bool = False) -> tuple[int, ...]:
+        refs = tuple(r.scalars(table, slot, "i"))
+        bad = [i for i in refs if not (0 <= i < len(tensors) or (optional and i == -1))]
+        if bad:
+            raise UserError(f"{path}: corrupt .tflite file ({what} refers to tensor {bad[0]} of {len(tensors)})")
+        return refs
+
     operators = []
     for i, o in enumerate(r.tables(sg, _SUBGRAPH["operators"])):
         idx = r.scalar(o, _OPERATOR["opcode_index"], "I", 0)
         if idx >= len(codes):
             raise UserError(f"{path}: corrupt .tflite file (operator {i} uses op code {idx} of {len(codes)})")
         name, version, custom = codes[idx]
-        operators.append(Operator(i, name, version, custom, tuple(r.scalars(o, _OPERATOR["inputs"], "i")),
-                                  tuple(r.scalars(o, _OPERATOR["outputs"], "i"))))
+        operators.append(Operator(i, name, version, custom,
+                                  tensor_refs(o, _OPERATOR["inputs"], f"operator {i}", optional=True),
+                                  tensor_refs(o, _OPERATOR["outputs"], f"operator {i}")))
 
     return Model(path=path, schema_version=r.scalar(model, _MODEL["version"], "I", 0),
                  description=r.string(model, _MODEL["description"]) or "", tensors=tuple(tensors),
-                 operators=tuple(operators), inputs=tuple(r.scalars(sg, _SUBGRAPH["inputs"], "i")),
-                 outputs=tuple(r.scalars(sg, _SUBGRAPH["outputs"], "i")), num_subgraphs=len(subgraphs),
+                 operators=tuple(operators), inputs=tensor_refs(sg, _SUBGRAPH["inputs"], "the graph input"),
+                 outputs=tensor_refs(sg, _SUBGRAPH["outputs"], "the graph output"), num_subgraphs=len(subgraphs),
                  metadata=metadata)

@@ -216,3 +216,26 @@ def test_check_imports_no_tensorflow(models):
             "print('LOADED', sorted({'tensorflow', 'keras', 'numpy'} & set(sys.modules)))" % models["tiny_int8"])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), check=True)
     assert out.stdout.strip().splitlines()[-1] == "LOADED []"
+
+
+def test_corrupt_files_give_a_user_error_not_a_crash(models, tmp_path):
+    import random
+
+    from edge_effnet.errors import UserError
+
+    original = open(models["leaky_int8"], "rb").read()
+    rng, outcomes = random.Random(0), {"report": 0, "error": 0}
+    for trial in range(300):
+        data = bytearray(original)
+        for _ in range(rng.choice([1, 4, 32])):
+            data[rng.randrange(8, len(data))] = rng.randrange(256)
+        if trial % 5 == 0:
+            data = data[:rng.randrange(8, len(data))]
+        path = tmp_path / f"{trial}.tflite"
+        path.write_bytes(bytes(data))
+        try:
+            preflight(str(path))
+            outcomes["report"] += 1
+        except UserError:
+            outcomes["error"] += 1
+    assert outcomes["report"] > 0 and outcomes["error"] > 0

@@ -240,16 +240,20 @@ def verdict(report: dict) -> str:
         return q["reason"]
     if report["maps_fully"]:
         return (f"maps fully: all {report['ops_total']} ops can run on the Edge TPU "
-                f"({report['macs_total'] / 1e6:,.1f}M MACs)")
+                f"({_macs(report['macs_total'])} MACs)")
     i = report["first_unsupported_index"]
     return (f"does not map fully: op #{i} {report['first_unsupported_op']} ({'; '.join(report['first_unsupported_reasons'])})"
             f" and the {report['ops_total'] - i - 1} ops after it run on the CPU; the Edge TPU gets "
             f"{report['ops_on_edgetpu']} ops, {100 * report['mac_share_on_edgetpu']:.1f}% of the MACs")
 
 
+def _macs(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
 def format_report(report: dict) -> str:
     """Console table: one line per op, then the verdict."""
-    lines = [f"{report['file']}: {report['ops_total']} ops, {report['macs_total'] / 1e6:,.1f}M MACs, "
+    lines = [f"{report['file']}: {report['ops_total']} ops, {_macs(report['macs_total'])} MACs, "
              f"quantization: {report['quantization']['status']}",
              f"{'#':>4} {'op':<24} {'ver':>3} {'max':>3} {'device':<7} {'MACs':>10}  why not"]
     for row in report["ops"]:
