@@ -14,7 +14,9 @@ RES = 32
 def _convert(model, path, mode, images):
     import tensorflow as tf
 
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    from edge_effnet.export.tflite import frozen_graph
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen_graph(model)])
     if mode in ("int8", "dynamic"):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode == "int8":
@@ -213,7 +215,7 @@ def test_check_imports_no_tensorflow(models):
 
     code = ("import sys\nfrom edge_effnet.cli import main\nsys.argv = ['edge-effnet', 'edgetpu-check', %r]\n"
             "try:\n    main()\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
-            "print('LOADED', sorted({'tensorflow', 'keras', 'numpy'} & set(sys.modules)))" % models["tiny_int8"])
+            "print('LOADED', sorted({'tensorflow', 'keras', 'onnx'} & set(sys.modules)))" % models["tiny_int8"])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), check=True)
     assert out.stdout.strip().splitlines()[-1] == "LOADED []"
 
@@ -239,3 +241,37 @@ def test_corrupt_files_give_a_user_error_not_a_crash(models, tmp_path):
         except UserError:
             outcomes["error"] += 1
     assert outcomes["report"] > 0 and outcomes["error"] > 0
+
+
+def test_export_edgetpu_bundle(tmp_path, chelsea):
+    import os
+
+    out = tmp_path / "bundle"
+    photos = os.path.dirname(chelsea)
+    result = run_cli("export", "--width", "0.5", "--depth", "0.25", "--resolution", "64", "--family", "edgetpu",
+                     "--edgetpu", "--calib", photos, "--num-calib", "8", "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert "Edge TPU pre-flight" in result.stdout and "maps fully" in result.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    record = manifest["files"][0]
+    assert record["mode"] == "edgetpu" and record["io"] == "uint8"
+    assert record["input"]["dtype"] == "uint8" and record["input"]["shape"] == [1, 64, 64, 3]
+    assert record["report"]["maps_fully"] and record["report"]["preflight"] == "edgetpu_preflight.json"
+    report = json.loads((out / "edgetpu_preflight.json").read_text())
+    assert report["file"] == record["file"] and report["quantization"]["status"] == "full-integer"
+    assert report["mac_share_on_edgetpu"] == 1.0 and report["compiler"]["ran"] is False
+    assert "apt-get install edgetpu-compiler" in report["compiler"]["how_to_compile"]
+    fused = [row for row in report["ops"] if row["op"] == "CONV_2D" and row["macs"]]
+    assert fused and all(row["version"] <= row["max_version"] for row in report["ops"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--io", "float32"], "--io float32 does not apply to --edgetpu"),
+    (["--int8"], "conflict"),
+])
+def test_export_edgetpu_bad_options(tmp_path, extra, message):
+    result = run_cli("export", "--variant", "edgetpu-s", "--edgetpu", *extra, "-o", tmp_path / "x")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+    assert not (tmp_path / "x").exists()

@@ -161,6 +161,11 @@ def export(options: ExportOptions, echo=None) -> ExportResult:
             record["verified_runtimes"] = [f"{figures['runtime']} {figures['runtime_version']}"]
             if len(record.get("float_activations", ())) > 20:
                 record["float_activations"] = f"{len(record['float_activations'])} (float model)"
+            if mode.report:
+                module, function = mode.report.split(":")
+                record["report"] = getattr(importlib.import_module(module), function)(path, tmp, echo)
+                if record["report"].get("warning"):
+                    warnings.append(record["report"]["warning"])
             records.append(record)
             paths.append(os.path.join(output, filename))
         calibration = None
@@ -190,6 +195,8 @@ def summary(result: ExportResult) -> list[str]:
         lines.append(f"self-check ({check['runtime']} {check['runtime_version']}, {check['images']} images): "
                      f"top-1 agreement {check['top1_agreement']:.1%}, top-5 overlap {check['top5_overlap']:.1%}, "
                      f"cosine {check['cosine_mean']:.4f} (min {check['cosine_min']:.4f})")
+        if rec.get("report", {}).get("summary"):
+            lines.append(rec["report"]["summary"])
     lines.append(f"bundle: {result.output}/ (manifest.json" + (", labels.txt" if result.manifest["labels"] else "")
                  + f"), {result.manifest['export_seconds']:.1f} s in all")
     return lines

@@ -357,3 +357,37 @@ def fully_mapped(report: dict) -> bool:
         return False
     return report["maps_fully"]
 
+
+
+PREFLIGHT_FILE = "edgetpu_preflight.json"
+
+
+def bundle_report(path: str, folder: str, echo=print) -> dict:
+    """`export --edgetpu`'s last step: the pre-flight report (edgetpu_preflight.json) in the bundle,
+    and edgetpu_compiler's model and log next to it when the compiler is on PATH."""
+    report = preflight(path)
+    if find_compiler():
+        echo("compiling for the Edge TPU with edgetpu_compiler")
+    compiler = run_compiler(path, folder)
+    compiler.pop("log", None)  # the compiler writes its own <name>_edgetpu.log into the bundle
+    report["compiler"] = compiler
+    report["file"] = os.path.basename(path)
+    with open(os.path.join(folder, PREFLIGHT_FILE), "w") as f:
+        json.dump(report, f, indent=1)
+    record = {"preflight": PREFLIGHT_FILE, "maps_fully": fully_mapped(report), "ops_total": report["ops_total"],
+              "first_unsupported_index": report["first_unsupported_index"],
+              "first_unsupported_op": report["first_unsupported_op"],
+              "mac_share_on_edgetpu": report["mac_share_on_edgetpu"], "verdict": report["verdict"]}
+    if compiler["ran"]:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        record["compiled"] = sorted(f for f in os.listdir(folder) if f.startswith(f"{stem}_edgetpu"))
+        record["compiler"] = {k: v for k, v in compiler.items() if k != "operators"}
+        done = f"compiled with edgetpu_compiler {compiler.get('version', '?')}: {', '.join(record['compiled'])}"
+    else:
+        record["how_to_compile"] = compiler["how_to_compile"]
+        done = (f"compile it on x86-64 Linux: edgetpu_compiler -s {os.path.basename(path)} "
+                "(apt package edgetpu-compiler, see " + PREFLIGHT_FILE + ")")
+    record["summary"] = f"Edge TPU pre-flight ({PREFLIGHT_FILE}): {report['verdict']}; {done}"
+    if not record["maps_fully"]:
+        record["warning"] = f"not every op runs on the Edge TPU: {report['verdict']}"
+    return record

@@ -32,6 +32,9 @@ class Mode:
     # Self-check floor: mean cosine similarity to the Keras float model below which the export
     # fails (a converter bug, not quantization noise). None: reported, never fatal.
     min_cosine: float | None = None
+    # "module:function" run on each exported file: f(path, bundle_folder, echo) -> dict kept in the
+    # file's manifest record as "report" (its "summary" is printed, its "warning" joins the warnings).
+    report: str | None = None
 
     @property
     def flag(self) -> str:
@@ -45,6 +48,8 @@ FORMATS: dict[str, Format] = {
 
 # TFLite settings map onto tf.lite.TFLiteConverter attributes: optimizations, supported_ops
 # (tf.lite.OpsSet names), supported_types (dtype names).
+INT8_TFLITE = {"optimizations": ["DEFAULT"], "supported_ops": ["TFLITE_BUILTINS_INT8"]}  # no float fallback ops
+
 MODES: dict[str, Mode] = {
     "fp32": Mode("fp32", "float32 weights and activations (reference)", ("float32",), False,
                  {"tflite": {}}, min_cosine=0.999),
@@ -53,12 +58,17 @@ MODES: dict[str, Mode] = {
     "dynamic": Mode("dynamic", "int8 weights, float activations quantized on the fly (no calibration)",
                     ("float32",), False, {"tflite": {"optimizations": ["DEFAULT"]}}),
     "int8": Mode("int8", "full integer: int8 weights and activations, uint8 pixels in, uint8 scores out",
-                 ("uint8", "int8", "float32"), True,
-                 {"tflite": {"optimizations": ["DEFAULT"], "supported_ops": ["TFLITE_BUILTINS_INT8"]}}),
+                 ("uint8", "int8", "float32"), True, {"tflite": INT8_TFLITE}),
     "int16x8": Mode("int16x8", "int16 activations, int8 weights (closer to float than int8; slower)",
                     ("float32", "int16"), True,
                     {"tflite": {"optimizations": ["DEFAULT"],
                                 "supported_ops": ["EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8"]}}),
+    # The TF 2.21 converter's full-int8 ops (CONV_2D v3, DEPTHWISE_CONV_2D v3, FULLY_CONNECTED v4, ...) are
+    # all versions Edge TPU compiler 16 parses; the pre-flight checks every file anyway.
+    "edgetpu": Mode("edgetpu", "Coral Edge TPU: full integer as --int8 (uint8 in/out, batch 1) + the Edge TPU "
+                               "pre-flight report; compiled too when edgetpu_compiler is on PATH",
+                    ("uint8", "int8"), True, {"tflite": INT8_TFLITE},
+                    report="edge_effnet.export.edgetpu:bundle_report"),
 }
 DEFAULT_MODE = "fp32"
 DEFAULT_FORMATS = ("tflite",)
