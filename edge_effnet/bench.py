@@ -74,14 +74,32 @@ class Target:
     variant: str | None = None
 
 
+def _expand_folders(items: list[str], backend: str) -> list[str]:
+    """A folder (an export bundle) stands for the model files in it that `backend` can run."""
+    from .backends import BACKEND_TABLE
+
+    exts = MODEL_EXTENSIONS if backend == "auto" else (BACKEND_TABLE.get(backend, ("",))[0],)
+    out = []
+    for item in items:
+        if not os.path.isdir(item):
+            out.append(item)
+            continue
+        found = sorted(os.path.join(item, f) for f in os.listdir(item)
+                       if os.path.splitext(f)[1].lower() in exts and os.path.isfile(os.path.join(item, f)))
+        if not found:
+            raise UserError(f"no model files ({', '.join(exts)}) in folder {item}")
+        out += found
+    return out
+
+
 def resolve_targets(items: list[str], backend: str = "auto") -> list[Target]:
-    """Model files or variant names -> targets, checked cheaply (no model is opened here)."""
+    """Model files, bundle folders or variant names -> targets, checked cheaply (no model is opened here)."""
     if not items:
         raise UserError("name at least one model file (.tflite, .onnx, .keras) or variant (b0..b7, lite0, ...)")
     from . import runtime
 
     targets = []
-    for item in items:
+    for item in _expand_folders(items, backend):
         ext = os.path.splitext(item)[1].lower()
         if os.path.exists(item) or ext in MODEL_EXTENSIONS or os.sep in item:
             if not os.path.isfile(item):

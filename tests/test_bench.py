@@ -108,13 +108,22 @@ def test_keras_file_runs_in_tensorflow_with_the_threads_asked_for(tiny):
     assert json.loads(out.stdout.strip().splitlines()[-1]) == ["keras", 3, tiny["params"], 1, 1]
 
 
-def test_variant_names_and_files_resolve_without_loading(tiny):
+def test_variant_names_files_and_bundle_folders_resolve_without_loading(tiny, tmp_path):
     from edge_effnet.bench import resolve_targets
+    from edge_effnet.errors import UserError
 
-    targets = resolve_targets([tiny["tflite"], "b1", "efficientnet-b7", tiny["tflite"]])
+    bundle = tmp_path / "b1-int8"
+    bundle.mkdir()
+    shutil.copy(tiny["tflite"], bundle / "b1_int8.tflite")
+    (bundle / "manifest.json").write_text("{}")
+    targets = resolve_targets([tiny["tflite"], "b1", "efficientnet-b7", tiny["tflite"], str(bundle)])
     assert [(t.name, t.backend, t.variant) for t in targets] == [
         ("tiny.tflite#1", "litert", None), ("b1", "keras", "b1"), ("b7", "keras", "b7"),
-        ("tiny.tflite#2", "litert", None)]
+        ("tiny.tflite#2", "litert", None), ("b1_int8.tflite", "litert", None)]
+    assert targets[-1].path == str(bundle / "b1_int8.tflite")
+    (bundle / "b1_int8.tflite").unlink()
+    with pytest.raises(UserError, match="no model files"):
+        resolve_targets([str(bundle)])
 
 
 @pytest.mark.parametrize("case, message", [
