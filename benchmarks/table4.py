@@ -246,8 +246,9 @@ def summarize(facts: dict, records: dict) -> dict:
     b7_summary = {"tf_mean_ms": b7["mean_ms"], "tf_std_ms": b7["std_ms"], "paper_latency_ms": PAPER["b7"]["latency_s"] * 1e3,
                   "b7_over_b1_measured": b7["mean_ms"] / b1["mean_ms"],
                   "b7_over_b1_paper": PAPER["b7"]["latency_s"] / PAPER["b1"]["latency_s"],
-                  "gpipe": "not built: GPipe (AmoebaNet-B, 556M parameters, pipeline-parallel) has no public "
-                           "Keras/TF model to build here; the paper's 19.0 s and 6.1x cannot be re-measured"}
+                  "gpipe": "GPipe (AmoebaNet-B, 556M parameters, trained pipeline-parallel) has no public "
+                           "Keras/TensorFlow model to build here, so the paper's 19.0 s and 6.1x cannot be "
+                           "re-measured"}
     resnet = facts["resnet152"]
     return {"pairs": rows, "b7": b7_summary, "b0_b7": table,
             "resnet152": {"params": resnet["params"], "macs": resnet["macs"],
@@ -275,6 +276,8 @@ def plot(summary: dict, path: str) -> None:
     ax.plot([rp], [tf_pair["resnet152_mean_ms"]], "D", color="tab:blue", label="ResNet-152, TensorFlow (here)")
     ax.plot([rp], [summary["pairs"][1]["resnet152_mean_ms"]], "D", mfc="none", color="tab:blue",
             label="ResNet-152, TFLite float32 (here)")
+    ax.plot([rp, table[1]["params"] / 1e6], [summary["pairs"][2]["resnet152_mean_ms"], summary["pairs"][2]["b1_mean_ms"]],
+            "v", mfc="none", color="tab:green", label="ResNet-152 and B1, TFLite int8 (here)")
     paper = [(PAPER[k]["params_m"], PAPER[k]["latency_s"] * 1e3, label) for k, label in
              (("b1", "B1"), ("b7", "B7"), ("resnet152", "ResNet-152"), ("gpipe", "GPipe"))]
     ax.plot([p[0] for p in paper], [p[1] for p in paper], "x", color="gray", ms=9, label="paper Table 4 (Xeon E5-2690)")
@@ -314,7 +317,7 @@ def markdown(result: dict) -> str:
                    f"(p50: {r['resnet152_over_b1_p50']:.1f}x) | 5.7x (554 ms vs 98 ms) |")
     b7 = s["b7"]
     out += ["", "## EfficientNet-B7 (GPipe cannot be built)", "",
-            f"GPipe is {b7['gpipe'].split(': ', 1)[1]}. B7 on its own, TensorFlow, one core, batch 1:", "",
+            f"{b7['gpipe']}. B7 on its own, TensorFlow, one core, batch 1:", "",
             "| | measured here | paper |", "|---|---|---|",
             f"| B7 latency | {b7['tf_mean_ms'] / 1e3:.2f} s (std {b7['tf_std_ms'] / 1e3:.2f} s) | 3.1 s |",
             f"| B7 / B1 latency | {b7['b7_over_b1_measured']:.1f}x | {b7['b7_over_b1_paper']:.1f}x (3.1 s / 0.098 s) |",
@@ -330,7 +333,8 @@ def markdown(result: dict) -> str:
             "agrees: " + ", ".join(f"{r['variant']} {r['macs_keras_layers'] / 1e9:.3f}B" for r in s["b0_b7"]) + ".",
             f"TFLite file sizes: ResNet-152 {s['resnet152']['fp32_size_mb']:.1f} MB float / "
             f"{s['resnet152']['int8_size_mb']:.1f} MB int8; B1 {s['b1_sizes_mb']['fp32']:.1f} / "
-            f"{s['b1_sizes_mb']['int8']:.1f} MB.", "",
+            f"{s['b1_sizes_mb']['int8']:.1f} MB. Peak RSS of each timing process: "
+            + "; ".join(f"{k} {r['peak_rss_mb']:.0f} MB" for k, r in result["records"].items() if r) + ".", "",
             "Why B5-B7 have no TFLite column by default: each conversion takes minutes on this shared machine and "
             "the paper's latency is a TensorFlow one; `--tflite-all` adds them.", "",
             "![latency vs parameters](table4.png)", "",

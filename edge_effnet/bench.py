@@ -163,6 +163,15 @@ def _rss_mb() -> float | None:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux: VmHWM, because ru_maxrss starts from the
+    parent's size at fork (a benchmark launched by a big process would report the parent's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / MB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak / MB if sys.platform == "darwin" else peak * 1024 / MB
 

@@ -54,7 +54,9 @@ def test_default_is_exactly_20_timed_runs_with_each_time(tiny, tmp_path):
     assert m["model_size_mb"] == round(os.path.getsize(tiny["tflite"]) / 1e6, 3)
     assert m["input_shape"] == [1, 64, 64, 3] and m["input_dtype"] == "float32"
     assert m["backend"] == "litert" and m["backend_version"] and m["threads"] == 1 and m["ratio_to_first"] == 1
-    assert record["machine"]["cpu_model"] and len(record["load_avg_before"]) == 3 and record["peak_rss_mb"] > 0
+    assert record["machine"]["cpu_model"] and len(record["load_avg_before"]) == 3
+    # the timed process's own peak (numpy + interpreter + a 0.5 MB model), not pytest's with TensorFlow loaded
+    assert 0 < record["peak_rss_mb"] < 400
     assert record["settings"]["affinity_cpus"] == sorted(os.sched_getaffinity(0))  # no --cpu: unchanged
     assert "tiny.tflite" in result.stdout and "mean ms" in result.stdout and f"wrote {out}" in result.stdout
 
