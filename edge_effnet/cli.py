@@ -198,7 +198,8 @@ def bench(models, variant_names, runs, warmup, threads, cpu, backend, json_path,
             if not bars:
                 label = f"timing {len(targets)} model(s): {warmup} warm-up + {runs} timed rounds"
                 bars.append(stack.enter_context(progress(None, label, total=total)))
-            bars[0].update(done - bars[0].pos)
+            if bars[0] is not None:  # None: stderr is not a terminal
+                bars[0].update(done - bars[0].pos)
 
         record = benchmark(targets, options, on_round=on_round)
     click.echo(format_table(record))
