@@ -15,6 +15,9 @@ from . import __version__
 from .backends import BACKENDS as BENCH_BACKENDS
 from .bench import BenchOptions
 from .errors import UserError
+from .search import SearchConfig
+
+SEARCH_DEFAULTS = SearchConfig()
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
 
@@ -328,3 +331,117 @@ def export(**opts):
         click.echo(line)
     for line in warning_lines(result):
         click.echo(line, err=True)
+
+
+def recipe_options(f):
+    """Training options shared by `train` and `search`; defaults come from recipe.TrainConfig."""
+    from .recipe import STRATEGIES, TrainConfig
+
+    d = TrainConfig()
+    opts = [
+        click.option("--epochs", type=click.IntRange(min=1), default=d.epochs, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=d.batch_size, show_default=True,
+                     help="Global batch (split over the replicas of --strategy)."),
+        click.option("--learning-rate", type=float, help="Peak learning rate (default 0.016 x batch / 256)."),
+        click.option("--validation-split", type=float, default=d.validation_split, show_default=True,
+                     help="Fraction of every class held out for evaluation."),
+        click.option("--no-augment", is_flag=True, help="Train without the shift/zoom/rotation augmentation."),
+        click.option("--seed", type=int, default=d.seed, show_default=True),
+        click.option("--strategy", type=click.Choice(STRATEGIES), default=d.strategy, show_default=True,
+                     help="tf.distribute strategy: mirrored = all GPUs of this host, multi-worker = the hosts "
+                          "in TF_CONFIG."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def config_from(opts: dict, **extra):
+    from .recipe import TrainConfig
+
+    config = TrainConfig(epochs=opts.pop("epochs"), batch_size=opts.pop("batch_size"),
+                         learning_rate=opts.pop("learning_rate"), validation_split=opts.pop("validation_split"),
+                         augment=not opts.pop("no_augment"), seed=opts.pop("seed"), strategy=opts.pop("strategy"),
+                         **extra)
+    config.check()
+    return config
+
+
+@main.command()
+@model_options
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Folder with one subfolder per class.")
+@recipe_options
+@click.option("--weights", default="none", show_default=True,
+              help="Start from: none | imagenet | PATH (.h5 / .weights.h5) | torch:PATH | MODEL.keras.")
+@click.option("--freeze-backbone", is_flag=True, help="Train only the classifier (transfer learning).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="OUT.keras")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint (OUT.ckpt).")
+@click.option("--force", is_flag=True, help="Overwrite OUT and discard an old checkpoint.")
+def train(data, weights, freeze_backbone, output, resume, force, **opts):
+    """Train a model on a folder of images with the paper's recipe; writes OUT.keras + OUT.history.json."""
+    from .data import class_folders
+    from .fsutil import check_output
+    from .weights import check_weights_arg
+
+    spec = spec_from(opts)
+    config = config_from(opts, freeze_backbone=freeze_backbone)
+    if not output.endswith(".keras"):
+        raise UserError(f"output must end in .keras (got {output})")
+    check_output(output, force)
+    if resume and force:
+        raise click.UsageError("--resume and --force contradict each other")
+    if freeze_backbone and weights == "none":
+        raise UserError("--freeze-backbone needs --weights (a frozen random backbone learns nothing)")
+    if not weights.endswith(".keras"):
+        check_weights_arg(weights, spec)
+    elif not os.path.isfile(weights):
+        raise UserError(f"weights file not found: {weights}")
+    classes = class_folders(data)
+    click.echo(f"training {spec.name} at {spec.resolution} px on {len(classes)} classes "
+               f"({sum(len(p) for _, p in classes)} images) for {config.epochs} epoch(s)", err=True)
+    from .train import history_path_for, train as run_training
+
+    result = run_training(spec, data, output, config, weights=weights, resume=resume, force=force)
+    click.echo(f"wrote {output} and {history_path_for(output)}: held-out accuracy {result.val_accuracy:.4f} "
+               f"on {result.num_val} images ({result.num_train} trained), {result.seconds:.0f} s")
+
+
+@main.command()
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Folder with one subfolder per class.")
+@click.option("--grid-step", type=float, default=SEARCH_DEFAULTS.grid_step, show_default=True,
+              help="Grid spacing of alpha, beta and gamma (each >= 1).")
+@click.option("--tolerance", type=float, default=SEARCH_DEFAULTS.tolerance, show_default=True,
+              help="Keep candidates with |alpha*beta^2*gamma^2 - 2| <= this.")
+@click.option("--objective", type=click.Choice(["macs", "latency"]), default=SEARCH_DEFAULTS.objective,
+              show_default=True, help="Cost in ACC*(cost/T)^-0.07: analytic MACs, or single-core TFLite latency.")
+@click.option("--target-macs", type=float, help="T and a hard cap on MACs (default T: 400M x (base res / 224)^2).")
+@click.option("--target-ms", type=float, help="With --objective latency: T and a hard cap in ms.")
+@click.option("--base-resolution", type=click.IntRange(min=32), default=SEARCH_DEFAULTS.base_resolution,
+              show_default=True, help="Resolution at phi = 0; a candidate's is gamma x this.")
+@click.option("--family", type=click.Choice(["efficientnet", "lite", "edgetpu"]), default=SEARCH_DEFAULTS.family,
+              show_default=True, help="Base network to scale.")
+@click.option("--max-candidates", type=click.IntRange(min=1), help="Stop after this many (in grid order).")
+@recipe_options
+@click.option("-o", "--output", required=True, type=click.Path(), help="RUN_DIR: results, checkpoints of the trials.")
+@click.option("--resume", is_flag=True, help="Continue a stopped search in RUN_DIR; finished candidates are kept.")
+def search(data, grid_step, tolerance, objective, target_macs, target_ms, base_resolution, family, max_candidates,
+           output, resume, **opts):
+    """Grid-search alpha, beta, gamma at phi = 1 (paper step 1) and rank by ACC*(cost/T)^-0.07."""
+    from .data import class_folders
+    from .search import SearchConfig, plan_candidates
+
+    train_config = config_from(opts)
+    config = SearchConfig(grid_step=grid_step, tolerance=tolerance, objective=objective, target_macs=target_macs,
+                          target_ms=target_ms, base_resolution=base_resolution, family=family,
+                          max_candidates=max_candidates)
+    num_classes = len(class_folders(data))
+    todo, over = plan_candidates(config, num_classes)
+    click.echo(f"searching {len(todo)} candidate(s) at phi = 1 on {num_classes} classes"
+               f"{f' ({len(over)} over the MAC target left out)' if over else ''}; results in {output}", err=True)
+    from .search import run_search
+
+    report = run_search(data, output, config, train_config, resume=resume)
+    if report is None:
+        click.echo("worker finished: the chief writes the report", err=True)
+        return
+    click.echo(open(os.path.join(output, "results.md")).read())

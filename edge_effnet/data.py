@@ -145,3 +145,37 @@ def calibration_set(source: str | None, resolution: int, count: int = 100, seed:
         print(f"warning: skipped {len(skipped)} unreadable image(s) in {source}, e.g. {skipped[0]}", file=sys.stderr)
     return array, {"source": os.path.abspath(source), "count": len(used), "skipped": len(skipped),
                    "synthetic": False}
+
+
+def class_folders(folder: str) -> list[tuple[str, list[str]]]:
+    """(class name, image paths) for each subfolder of `folder` that holds images, sorted by name.
+
+    Cheap (no pixels read), so commands can reject a bad data folder before any heavy import.
+    """
+    if not os.path.isdir(folder):
+        raise UserError(f"not a folder: {folder}")
+    classes = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not name.startswith("."):
+            images = find_images(path)
+            if images:
+                classes.append((name, images))
+    if len(classes) < 2:
+        found = f"found {len(classes)}" + (f" ({classes[0][0]})" if classes else "")
+        raise UserError(f"{folder} needs one subfolder of images per class and at least two classes; {found}")
+    return classes
+
+
+def labeled_images(folder: str, resolution: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Pixels (N, R, R, 3) uint8, integer labels (N,) and class names from a folder of class subfolders."""
+    classes = class_folders(folder)
+    paths = [p for _, images in classes for p in images]
+    label_of = {p: i for i, (_, images) in enumerate(classes) for p in images}
+    pixels, used, skipped = load_images(paths, resolution, "reading images")
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable image(s) in {folder}, e.g. {skipped[0]}", file=sys.stderr)
+    labels = np.array([label_of[p] for p in used], dtype=np.int64)
+    if len(np.unique(labels)) < 2:
+        raise UserError(f"{folder}: fewer than two classes have readable images")
+    return pixels, labels, [name for name, _ in classes]

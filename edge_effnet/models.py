@@ -133,3 +133,29 @@ def _free_batch(config: dict) -> dict:
             shape = layer["config"].get("batch_shape")
             layer["config"]["batch_shape"] = [None, *shape[1:]]
     return config
+
+
+def count_model_macs(model) -> int:
+    """Multiply-adds of a built Keras model's convolutions and dense layers, read from its layers.
+
+    An independent check of scaling.count_macs (which counts from the spec): the same convention
+    (no bias adds, batch norm, activations or pooling).
+    """
+    keras = import_keras()
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.DepthwiseConv2D):  # a Conv2D subclass in some versions: test first
+            h, w = layer.output.shape[1:3]
+            kh, kw, channels, multiplier = layer.kernel.shape
+            total += h * w * kh * kw * channels * multiplier
+        elif isinstance(layer, keras.layers.Conv2D):
+            h, w = layer.output.shape[1:3]
+            kh, kw, channels_in, channels_out = layer.kernel.shape
+            total += h * w * kh * kw * channels_in * channels_out
+        elif isinstance(layer, keras.layers.Dense):
+            channels_in, channels_out = layer.kernel.shape
+            positions = 1
+            for d in layer.output.shape[1:-1]:
+                positions *= d
+            total += positions * channels_in * channels_out
+    return int(total)

@@ -38,3 +38,15 @@ def cli():
 @pytest.fixture
 def chelsea():
     return photo_path("chelsea.png")
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """scikit-learn's digits as a class-folder image set: 10 classes x 6 images, 32 x 32 RGB PNGs."""
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from digits_folder import write_digits
+
+    out = tmp_path_factory.mktemp("digits")
+    write_digits(str(out), size=32, per_class=6)
+    return out
