@@ -70,7 +70,7 @@ def test_search_bad_input_is_one_line(tmp_path, digits_dir, args, message):
     assert not (tmp_path / "run").exists()
 
 
-SEARCH = ["--grid-step", "0.4", "--tolerance", "0.05", "--base-resolution", "32", "--epochs", "1",
+SEARCH = ["--family", "lite", "--grid-step", "0.4", "--tolerance", "0.05", "--base-resolution", "32", "--epochs", "1",
           "--batch-size", "16"]
 
 
@@ -102,7 +102,7 @@ def test_killed_search_resumes_without_retraining(tmp_path, digits_dir):
     assert sorted(r["key"] for r in report["ranking"]) == ["a1_b1.4_g1", "a1_b1_g1.4"]
     for r in report["ranking"]:
         assert r["macs"] == r["macs_model"] == count_macs(candidate_spec(r["alpha"], r["beta"], r["gamma"],
-                                                                         SearchConfig(base_resolution=32)),
+                                                                         SearchConfig(base_resolution=32, family="lite")),
                                                           num_classes=10)
         assert 0 <= r["accuracy"] <= 1 and r["score"] == pytest.approx(r["accuracy"] * (r["macs"] / report["normalizer"]) ** -0.07)
     assert report["ranking"][0]["score"] >= report["ranking"][1]["score"]

@@ -42,7 +42,7 @@ def test_schedule_warms_up_then_decays_097_every_24_epochs(T):
 
 
 def test_model_optimizer_bn_and_weight_decay(T):
-    spec = from_scaling(0.25, 0.25, 32)
+    spec = from_scaling(0.25, 0.5, 32)  # depth 0.5 keeps some residual blocks
     model = T.build_classifier(spec, 7)
     T.add_weight_decay(model, 1e-5)
     T.compile_recipe(model, TrainConfig(batch_size=64), steps_per_epoch=10)
