@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -53,30 +52,31 @@ class CompoundGridOracle(kt.Oracle):
 
 
 def tflite_latency_ms(model, path: str, runs: int = 20) -> dict:
-    """Float TFLite conversion of a batch-1 model, timed on one core: mean and median of `runs` invokes."""
-    import numpy as np
-
+    """Float TFLite export of a batch-1 model (export.tflite), timed on one pinned core with one thread."""
+    from .bench import make_input, summarize
+    from .export.formats import MODES
+    from .export.tflite import convert
     from .runtime import open_model
 
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
     with open(path, "wb") as f:
-        f.write(converter.convert())
+        f.write(convert(model, MODES["fp32"]))
     runner = open_model(path, num_threads=1)
-    pixels = np.random.default_rng(0).integers(0, 256, size=runner.input_shape).astype(np.float32)
+    pixels = make_input(runner.inputs[0])
     cpus = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(cpus)})  # one core, as the paper's Table 4
+    os.sched_setaffinity(0, {min(cpus)})  # this thread (TFLite runs one-thread invokes on it), as Table 4
     try:
         for _ in range(3):
             runner.run(pixels)
         times = []
         for _ in range(runs):
-            start = time.perf_counter()
+            start = time.perf_counter_ns()
             runner.run(pixels)
-            times.append((time.perf_counter() - start) * 1e3)
+            times.append((time.perf_counter_ns() - start) / 1e6)
     finally:
         os.sched_setaffinity(0, cpus)
-    return dict(latency_ms=statistics.fmean(times), latency_median_ms=statistics.median(times),
-                latency_runs=runs, tflite_bytes=os.path.getsize(path), runtime=runner.backend)
+    stats = summarize(times)
+    return dict(latency_ms=stats["mean_ms"], latency_p50_ms=stats["p50_ms"], latency_runs=runs,
+                tflite_bytes=os.path.getsize(path), runtime=f"{runner.backend} {runner.version}")
 
 
 class CompoundTuner(kt.engine.base_tuner.BaseTuner):
@@ -177,11 +177,11 @@ def run_trials(data_dir: str, run_dir: str, candidates: list[dict], config: Sear
                verbose: int = 1) -> list[dict] | None:
     """Run (or resume) every candidate; their results, or None on a chief/worker-mode worker."""
     oracle = CompoundGridOracle(candidates)
+    oracle.verbose = 0  # our one line per candidate replaces KerasTuner's trial tables
     try:
         tuner = CompoundTuner(oracle, run_dir, data_dir, config, train_config, verbose)
     except RuntimeError as exc:
         raise UserError(f"cannot reload the search in {run_dir}: {str(exc).splitlines()[0]}") from None
-    tuner.oracle.verbose = 0  # our one line per candidate replaces KerasTuner's trial tables
     try:
         tuner.search()
     except kt.errors.FatalError as exc:

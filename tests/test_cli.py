@@ -9,7 +9,7 @@ import pytest
 
 from conftest import cli_env, run_cli
 
-COMMANDS = ["variants", "build", "edgetpu-check", "bench", "predict", "eval", "export"]
+COMMANDS = ["variants", "build", "edgetpu-check", "bench", "predict", "eval", "export", "train", "search"]
 
 
 def _modules_after(code: str) -> set:
