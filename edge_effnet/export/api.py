@@ -138,7 +138,7 @@ def export(options: ExportOptions, echo=None) -> ExportResult:
         echo(f"building {name} (resolution {resolution}, weights {options.weights or 'none'})")
         model = load_model(options)
     num_classes = int(model.outputs[0].shape[-1])
-    labels = bundle.read_labels(options.labels, num_classes) if options.labels else None
+    labels, labels_source = bundle.bundle_labels(options.labels, num_classes, options.weights, options.model_path)
     reference = reference_scores(model, check)
 
     records, paths = [], []
@@ -175,7 +175,7 @@ def export(options: ExportOptions, echo=None) -> ExportResult:
             name=name, spec=options.spec, source=options.model_path or "builder", weights=options.weights or "none",
             resolution=resolution, num_classes=num_classes,
             mode={"name": mode.name, "description": mode.description, "io": io}, calibration=calibration,
-            files=records, labels=labels, warnings=warnings,
+            files=records, labels=labels, labels_source=labels_source, warnings=warnings,
             check_images={"source": calib_info["source"], "count": int(len(check)),
                           "synthetic": calib_info["synthetic"]})
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)

@@ -20,10 +20,10 @@ import sys
 from .. import __version__
 from ..data import CROP_PADDING
 from ..errors import UserError
+from ..labels import LABELS_FILE as LABELS
 from ..spec import PREPROCESSING, ModelSpec, spec_to_dict
 
 MANIFEST = "manifest.json"
-LABELS = "labels.txt"
 SCHEMA_VERSION = 1
 SYNTHETIC_WARNING = ("calibrated on SYNTHETIC images: the accuracy of this model is UNKNOWN; "
                      "pass --calib DIR_OR_NPY with a few hundred real images from your domain")
@@ -78,7 +78,7 @@ def preprocessing_record(spec: ModelSpec | None, resolution: int) -> dict:
 
 def build_manifest(*, name: str, spec: ModelSpec | None, source: str, weights: str, resolution: int,
                    num_classes: int, mode: dict, calibration: dict | None, files: list[dict],
-                   labels: list[str] | None, warnings: list[str], check_images: dict) -> dict:
+                   labels: list[str] | None, labels_source: str, warnings: list[str], check_images: dict) -> dict:
     """The manifest as a dict. `files` holds one record per exported file (file_record + inspect
     + selfcheck figures); the first is the primary model."""
     return {
@@ -92,6 +92,7 @@ def build_manifest(*, name: str, spec: ModelSpec | None, source: str, weights: s
         "warnings": warnings,
         "num_classes": num_classes,
         "labels": LABELS if labels else None,
+        "labels_source": labels_source,
         "preprocessing": preprocessing_record(spec, resolution),
         "quantization": mode,
         "calibration": calibration,
@@ -104,27 +105,32 @@ def build_manifest(*, name: str, spec: ModelSpec | None, source: str, weights: s
 def write_bundle(folder: str, manifest: dict, labels: list[str] | None) -> None:
     """Write manifest.json and labels.txt into `folder` (the temporary folder of atomic_dir)."""
     if labels:
-        with open(os.path.join(folder, LABELS), "w") as f:
-            f.write("\n".join(labels) + "\n")
+        from ..labels import write_labels
+
+        write_labels(os.path.join(folder, LABELS), labels)
     with open(os.path.join(folder, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
         f.write("\n")
 
 
-def read_labels(path: str, num_classes: int | None = None) -> list[str]:
-    """A labels file: one class name per line (blank lines at the end ignored)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            labels = [line.rstrip("\r\n") for line in f]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read labels file {path}: {exc}") from None
-    while labels and not labels[-1].strip():
-        labels.pop()
-    if not labels:
-        raise UserError(f"labels file {path} is empty")
-    if num_classes is not None and len(labels) != num_classes:
-        raise UserError(f"labels file {path} has {len(labels)} lines but the model has {num_classes} classes")
-    return labels
+def bundle_labels(path: str | None, num_classes: int, weights: str | None, model_path: str | None
+                  ) -> tuple[list[str] | None, str]:
+    """The class names a bundle ships, and where they came from (or why there are none).
+
+    --labels FILE wins; ImageNet weights (or a .keras file with 1000/1001 outputs) give ImageNet's
+    names; an untrained model's classes are not known, so it ships no labels.txt.
+    """
+    from ..labels import imagenet_labels, read_labels
+
+    if path:
+        labels = read_labels(path)
+        if len(labels) != num_classes:
+            raise UserError(f"labels file {path} has {len(labels)} names but the model has {num_classes} classes")
+        return labels, os.path.abspath(path)
+    trained = model_path is not None or weights not in (None, "", "none")
+    if trained and num_classes in (1000, 1001):
+        return imagenet_labels(num_classes), "imagenet" if model_path is None else "imagenet (1000/1001 outputs)"
+    return None, "unknown: untrained model or custom classes; pass --labels FILE"
 
 
 def read_manifest(bundle: str) -> dict:

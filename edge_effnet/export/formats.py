@@ -47,7 +47,7 @@ FORMATS: dict[str, Format] = {
 }
 
 # TFLite settings map onto tf.lite.TFLiteConverter attributes: optimizations, supported_ops
-# (tf.lite.OpsSet names), supported_types (dtype names).
+# (tf.lite.OpsSet names), supported_types (dtype names); "attributes" are set as they are.
 INT8_TFLITE = {"optimizations": ["DEFAULT"], "supported_ops": ["TFLITE_BUILTINS_INT8"]}  # no float fallback ops
 
 MODES: dict[str, Mode] = {
@@ -56,7 +56,11 @@ MODES: dict[str, Mode] = {
     "fp16": Mode("fp16", "float16 weights, float32 compute (half the size, GPU delegates)", ("float32",), False,
                  {"tflite": {"optimizations": ["DEFAULT"], "supported_types": ["float16"]}}, min_cosine=0.99),
     "dynamic": Mode("dynamic", "int8 weights, float activations quantized on the fly (no calibration)",
-                    ("float32",), False, {"tflite": {"optimizations": ["DEFAULT"]}}),
+                    ("float32",), False,
+                    # per-channel dynamic FULLY_CONNECTED is op version 12, which tflite-runtime 2.14
+                    # cannot load; per-tensor weights for the one classifier layer keep the file portable
+                    {"tflite": {"optimizations": ["DEFAULT"], "attributes": {
+                        "_experimental_disable_per_channel_quantization_for_dense_layers": True}}}),
     "int8": Mode("int8", "full integer: int8 weights and activations, uint8 pixels in, uint8 scores out",
                  ("uint8", "int8", "float32"), True, {"tflite": INT8_TFLITE}),
     "int16x8": Mode("int16x8", "int16 activations, int8 weights (closer to float than int8; slower)",

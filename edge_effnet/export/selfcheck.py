@@ -24,19 +24,20 @@ def reference_scores(model, images: np.ndarray) -> np.ndarray:
 
 
 def agreement(reference: np.ndarray, scores: np.ndarray, k: int = 5) -> dict:
-    """Top-1 agreement, mean top-k overlap and cosine similarity of two (N, classes) score arrays."""
+    """evaluate.agreement (top-1 agreement, top-k overlap, KL, per-confidence bins) of two
+    (N, classes) score arrays, plus the cosine similarity and largest difference of the raw scores."""
+    from ..evaluate import agreement as follows
+
     reference, scores = np.asarray(reference, np.float64), np.asarray(scores, np.float64)
     if reference.shape != scores.shape:
         raise CheckFailed(f"output shape {scores.shape[1:]} differs from the Keras model's {reference.shape[1:]}")
-    n = min(k, reference.shape[1])  # fewer classes than k: top-n
-    top_ref = np.argsort(-reference, axis=1)[:, :n]
-    top = np.argsort(-scores, axis=1)[:, :n]
-    overlap = [len(set(a) & set(b)) / n for a, b in zip(top_ref, top)]
+    figures = follows(scores, reference, k=min(k, reference.shape[1]))
+    figures["images"] = figures.pop("count")
     norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(scores, axis=1)
     cosine = np.sum(reference * scores, axis=1) / np.maximum(norms, 1e-30)
-    return {"images": int(len(reference)), "top1_agreement": float(np.mean(top_ref[:, 0] == top[:, 0])),
-            f"top{k}_overlap": float(np.mean(overlap)), "cosine_mean": float(np.mean(cosine)),
-            "cosine_min": float(np.min(cosine)), "max_abs_diff": float(np.max(np.abs(reference - scores)))}
+    figures.update(cosine_mean=float(np.mean(cosine)), cosine_min=float(np.min(cosine)),
+                   max_abs_diff=float(np.max(np.abs(reference - scores))))
+    return figures
 
 
 def run_file(path: str, images: np.ndarray, backend: str = "auto", num_threads: int = 1):

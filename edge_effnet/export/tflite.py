@@ -64,6 +64,8 @@ def convert(model, mode: Mode, io: str = "float32", calibration: np.ndarray | No
         converter.target_spec.supported_ops = [getattr(tf.lite.OpsSet, o) for o in settings["supported_ops"]]
     if "supported_types" in settings:
         converter.target_spec.supported_types = [tf.as_dtype(t) for t in settings["supported_types"]]
+    for name, value in settings.get("attributes", {}).items():
+        setattr(converter, name, value)
     if mode.calibration:
         if calibration is None or not len(calibration):
             raise UserError(f"{mode.flag} needs calibration images")
