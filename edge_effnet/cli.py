@@ -267,15 +267,23 @@ def eval_(model, data, reference, weights, backend, limit, json_out, force):
         click.echo(f"wrote {json_out}")
 def export_options(f):
     """Every `edge-effnet export` option but the model ones; mode flags come from the formats table."""
-    from .export.api import NUM_CALIB
-    from .export.formats import IO_CHOICES, MODES
+    from .export.api import NUM_CALIB, ExportOptions
+    from .export.formats import DEFAULT_FORMATS, FORMATS, IO_CHOICES, LAYOUTS, MODES, NORMALIZATIONS
 
     opts = [click.option("--model", "model_path", type=click.Path(dir_okay=False),
-                         help="Export this .keras file instead of building --variant/--phi/--width."),
+                         help="Export this .keras file instead of building --variant/--phi/--width; "
+                              "or convert this .onnx file to --format tflite (onnx2tf, offline)."),
             click.option("--weights", default="none", show_default=True,
                          help="none | imagenet | PATH (.h5 / .weights.h5) | torch:PATH.")]
     opts += [click.option(m.flag, f"mode_{m.name}", is_flag=True, help=m.description) for m in MODES.values()]
     opts += [
+        click.option("--format", "formats", default=",".join(DEFAULT_FORMATS), show_default=True,
+                     help=f"Comma-separated formats, all in one bundle: {', '.join(FORMATS)}."),
+        click.option("--layout", type=click.Choice(LAYOUTS), default=ExportOptions.layout, show_default=True,
+                     help="ONNX input layout; nchw puts a transpose at the input (TFLite is NHWC)."),
+        click.option("--normalization", type=click.Choice(tuple(NORMALIZATIONS)),
+                     help="--model FILE.onnx: the input it expects (default: from the file's metadata, "
+                          "else imagenet); written into the TFLite graph, which takes raw pixels."),
         click.option("--io", type=click.Choice(IO_CHOICES),
                      help="Input/output dtype (int8 default: uint8; int16x8: float32 or int16)."),
         click.option("--calib", metavar="DIR_OR_NPY",
@@ -304,24 +312,32 @@ def export_options_from(opts: dict):
     naming = [k for k in ("variant", "phi", "width", "depth") if opts.get(k) is not None]
     if model_path and naming:
         raise click.UsageError(f"--model and --{naming[0]} were given together; name the model one way")
+    formats = tuple(f.strip() for f in opts.pop("formats").split(",") if f.strip())
+    if not formats:
+        raise click.UsageError("--format names no format")
+    onnx_model = bool(model_path) and model_path.lower().endswith(".onnx")
     if model_path:
         extra = [k for k, v in opts.items() if v is not None and k in
-                 ("alpha", "beta", "gamma", "resolution", "family")]
+                 ("alpha", "beta", "gamma", "resolution", "family") and not (onnx_model and k == "resolution")]
         if extra:
             raise click.UsageError(f"--{extra[0]} does not apply to --model")
         spec = None
+        resolution = opts.get("resolution")
         for k in ("variant", "phi", "alpha", "beta", "gamma", "width", "depth", "resolution", "family"):
             opts.pop(k)
+        opts["resolution"] = resolution
     else:
         spec = spec_from(opts)
-    return ExportOptions(spec=spec, model_path=model_path, mode=chosen[0] if chosen else DEFAULT_MODE, **opts)
+    return ExportOptions(spec=spec, model_path=model_path, mode=chosen[0] if chosen else DEFAULT_MODE,
+                         formats=formats, **opts)
 
 
 @main.command()
 @model_options
 @export_options
 def export(**opts):
-    """Export a model to TFLite as a checked deployment bundle (model, manifest.json, labels.txt)."""
+    """Export a model to TFLite and/or ONNX as a checked deployment bundle (model files, manifest.json,
+    labels.txt); or convert an ONNX model (--model FILE.onnx) to TFLite."""
     from .export.api import export as run_export, summary, validate, warning_lines
 
     options = export_options_from(opts)

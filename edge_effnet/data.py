@@ -57,13 +57,30 @@ def load_image(path: str, resolution: int, crop_fraction: float | None = None) -
 def progress(items, label: str, total: int | None = None):
     """A progress bar on stderr (click's) for long loops; silent when stderr is not a terminal
     (click would print the bare label there, and an error must stay one line)."""
-    import contextlib
-
     import click
 
     if not sys.stderr.isatty():
-        return contextlib.nullcontext(items)
+        return _SilentBar(items)
     return click.progressbar(items, label=label, length=total, file=sys.stderr, show_pos=True)
+
+
+class _SilentBar:
+    """What progress() gives off a terminal: iterates `items` and takes update() calls like click's bar."""
+
+    def __init__(self, items):
+        self.items, self.pos = items, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def update(self, steps: int, current_item=None) -> None:
+        self.pos += steps
 
 
 def load_images(paths: list[str], resolution: int, label: str = "reading images",

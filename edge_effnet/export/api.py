@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 from ..spec import ModelSpec
 from . import bundle
-from .formats import DEFAULT_FORMATS, DEFAULT_MODE, FORMATS, Mode, check_combination, get_mode
+from .formats import DEFAULT_FORMATS, DEFAULT_MODE, FORMATS, LAYOUTS, NORMALIZATIONS, Mode, check_combination, get_mode
 
 NUM_CALIB = 100   # calibration images (int8, int16x8)
 NUM_CHECK = 20    # self-check images (taken from the calibration images)
@@ -27,7 +27,7 @@ NUM_CHECK = 20    # self-check images (taken from the calibration images)
 @dataclass
 class ExportOptions:
     spec: ModelSpec | None = None        # a model named by variant/phi/width...
-    model_path: str | None = None        # ...or a .keras file
+    model_path: str | None = None        # ...or a .keras file, or an .onnx file (-> tflite via onnx2tf)
     weights: str = "none"                # none | imagenet | PATH | torch:PATH (with spec)
     mode: str = DEFAULT_MODE             # a formats.MODES key
     io: str | None = None                # input/output dtype; None: the mode's default
@@ -39,6 +39,9 @@ class ExportOptions:
     output: str | None = None            # bundle folder; None: <name>-<mode> in the cwd
     force: bool = False
     backend: str = "auto"                # runtime for the self-check
+    layout: str = "nhwc"                 # ONNX files' input layout (nhwc | nchw)
+    resolution: int | None = None        # .onnx model with dynamic height/width: fix them
+    normalization: str | None = None     # .onnx model: the input it expects (formats.NORMALIZATIONS)
 
 
 @dataclass
@@ -61,9 +64,10 @@ def validate(options: ExportOptions) -> tuple[Mode, str, str]:
 
     if (options.spec is None) == (options.model_path is None):
         raise UserError("name one model: --variant/--phi/--width... or --model FILE.keras")
+    onnx_model = options.model_path is not None and options.model_path.lower().endswith(".onnx")
     if options.model_path is not None:
-        if not options.model_path.endswith(".keras"):
-            raise UserError(f"--model takes a .keras file (got {options.model_path})")
+        if not options.model_path.endswith(".keras") and not onnx_model:
+            raise UserError(f"--model takes a .keras or .onnx file (got {options.model_path})")
         if not os.path.isfile(options.model_path):
             raise UserError(f"model file not found: {options.model_path}")
         if options.weights not in (None, "", "none"):
@@ -72,6 +76,20 @@ def validate(options: ExportOptions) -> tuple[Mode, str, str]:
         check_weights_arg(options.weights, options.spec)
     mode = get_mode(options.mode)
     io = check_combination(mode, tuple(options.formats), options.io)
+    if options.layout not in LAYOUTS:
+        raise UserError(f"--layout must be one of {', '.join(LAYOUTS)} (got {options.layout!r})")
+    if options.layout != "nhwc" and "onnx" not in options.formats:
+        raise UserError("--layout applies to --format onnx (TFLite files are NHWC)")
+    if onnx_model:
+        if options.resolution is not None and options.resolution < 1:
+            raise UserError(f"resolution must be > 0 (got {options.resolution})")
+        if tuple(options.formats) != ("tflite",):
+            raise UserError(f"--model {os.path.basename(options.model_path)} converts to --format tflite only "
+                            f"(got {','.join(options.formats)})")
+    elif options.normalization is not None or options.resolution is not None:
+        raise UserError(f"--{'normalization' if options.normalization else 'resolution'} applies to --model FILE.onnx")
+    if options.normalization is not None and options.normalization not in NORMALIZATIONS:
+        raise UserError(f"unknown normalization {options.normalization!r} (choose from {', '.join(NORMALIZATIONS)})")
     if options.num_calib < 1 or options.num_check < 1:
         raise UserError("--num-calib must be >= 1")
     if options.calib is not None and not os.path.exists(options.calib):
@@ -118,6 +136,8 @@ def export(options: ExportOptions, echo=None) -> ExportResult:
     started = time.perf_counter()
     mode, io, output = validate(options)
     name = model_name(options)
+    if options.model_path is not None and options.model_path.lower().endswith(".onnx"):
+        return export_onnx_model(options, mode, io, output, echo, started)
     warnings = []
     if options.spec is not None and options.weights in (None, "", "none"):
         warnings.append(bundle.RANDOM_WEIGHTS_WARNING)
@@ -146,16 +166,22 @@ def export(options: ExportOptions, echo=None) -> ExportResult:
         for fmt_name in options.formats:
             fmt = FORMATS[fmt_name]
             converter = importlib.import_module(fmt.module)
-            echo(f"converting to {fmt.name} {mode.name}" + (f" ({io} in/out)" if io != "float32" else ""))
+            file_io = fmt.io[0] if fmt.io else io
+            echo(f"converting to {fmt.name} {mode.name}" + (f" ({file_io} in/out)" if file_io != "float32" else ""))
+            extra = {"layout": options.layout, "metadata": {
+                "variant": name, "labels": labels,
+                "preprocessing": options.spec.preprocessing if options.spec else "in the .keras model"}}
             t0 = time.perf_counter()
-            data = converter.convert(model, mode, io, images[:options.num_calib] if mode.calibration else None)
+            data = converter.convert(model, mode, file_io, images[:options.num_calib] if mode.calibration else None,
+                                     **{k: v for k, v in extra.items() if k in fmt.options})
             seconds = time.perf_counter() - t0
             filename = bundle.model_filename(name, mode.name, fmt.suffix)
             path = os.path.join(tmp, filename)
             with open(path, "wb") as f:
                 f.write(data)
-            figures = selfcheck(path, check, reference, options.backend, mode.min_cosine)
-            record = {**bundle.file_record(path), "format": fmt.name, "mode": mode.name, "io": io,
+            figures = selfcheck(path, check, reference, _backend_for(options.backend, fmt.suffix), mode.min_cosine,
+                                mode.settings[fmt.name].get("max_abs_diff"))
+            record = {**bundle.file_record(path), "format": fmt.name, "mode": mode.name, "io": file_io,
                       "input": figures.pop("input"), "output": figures.pop("output"),
                       "export_seconds": round(seconds, 2), **converter.inspect(path), "selfcheck": figures}
             record["verified_runtimes"] = [f"{figures['runtime']} {figures['runtime_version']}"]
@@ -181,6 +207,82 @@ def export(options: ExportOptions, echo=None) -> ExportResult:
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
         bundle.write_bundle(tmp, manifest, labels)
     return ExportResult(output=output, manifest=manifest, paths=paths)
+
+
+def _backend_for(backend: str, suffix: str) -> str:
+    """The --backend for the self-check of a `suffix` file: the user's when it runs such files."""
+    from ..backends import BACKEND_TABLE
+
+    return backend if BACKEND_TABLE.get(backend, ("",))[0] == suffix else "auto"
+
+
+def export_onnx_model(options: ExportOptions, mode: Mode, io: str, output: str, echo, started: float) -> ExportResult:
+    """`--model FILE.onnx`: an ONNX model made elsewhere -> TFLite through onnx2tf (offline), checked
+    against onnxruntime running the source file, in the same bundle as every export."""
+    from ..data import calibration_set
+    from ..fsutil import atomic_dir
+    from . import onnx2tflite, tflite
+    from .selfcheck import selfcheck
+
+    imported = onnx2tflite.ImportOptions(resolution=options.resolution, normalization=options.normalization, io=io)
+    model = onnx2tflite.load_onnx(options.model_path)
+    source = onnx2tflite.inspect_onnx(options.model_path, imported, model)
+    name = model_name(options)
+    for note in source.notes:
+        echo(f"{options.model_path}: {note}")
+    warnings = [bundle.SYNTHETIC_WARNING] if mode.calibration and options.calib is None else []
+    resolution = source.resolution[0]
+    if source.resolution[1] != resolution:
+        raise UserError(f"{options.model_path}: input is {source.resolution[0]}x{source.resolution[1]}; "
+                        "exports take square images")
+    count = max(options.num_calib if mode.calibration else 0, options.num_check)
+    images, calib_info = calibration_set(options.calib, resolution, count)
+    check = images[:options.num_check]
+    reference = onnx2tflite.source_scores(source, check)
+    num_classes = int(reference.shape[1])
+    labels = None
+    if options.labels:
+        labels = bundle.read_labels(options.labels, num_classes)
+    elif "labels" in source.metadata:  # our own ONNX files carry them
+        import json
+
+        labels = json.loads(source.metadata["labels"])
+    with atomic_dir(output, options.force) as tmp:
+        filename = bundle.model_filename(name, mode.name, ".tflite")
+        path = os.path.join(tmp, filename)
+        echo(f"converting {options.model_path} to tflite {mode.name} with onnx2tf (offline, "
+             f"{len(images[:options.num_calib])} calibration images)")
+        t0 = time.perf_counter()
+        onnx2tflite.convert_onnx(source, model, {mode.name: path}, images[:options.num_calib], imported)
+        seconds = time.perf_counter() - t0
+        # the float limit of ONNX files holds for ONNX -> TFLite too
+        figures = selfcheck(path, check, reference, _backend_for(options.backend, ".tflite"), mode.min_cosine,
+                            mode.settings.get("onnx", {}).get("max_abs_diff"),
+                            against=f"onnxruntime running {os.path.basename(options.model_path)}",
+                            as_probabilities=True)
+        record = {**bundle.file_record(path), "format": "tflite", "mode": mode.name, "io": io,
+                  "input": figures.pop("input"), "output": figures.pop("output"), "export_seconds": round(seconds, 2),
+                  "converter": "onnx2tf", **tflite.inspect(path), "selfcheck": figures}
+        record["verified_runtimes"] = [f"{figures['runtime']} {figures['runtime_version']}"]
+        if len(record.get("float_activations", ())) > 20:
+            record["float_activations"] = f"{len(record['float_activations'])} (float model)"
+        calibration = {**calib_info, "count": min(calib_info["count"], options.num_calib)} if mode.calibration else None
+        manifest = bundle.build_manifest(
+            name=name, spec=None, source=os.path.abspath(options.model_path), weights="from the ONNX file",
+            resolution=resolution, num_classes=num_classes,
+            mode={"name": mode.name, "description": mode.description, "io": io}, calibration=calibration,
+            files=[record], labels=labels, warnings=warnings,
+            check_images={"source": calib_info["source"], "count": int(len(check)),
+                          "synthetic": calib_info["synthetic"]})
+        mean, std = NORMALIZATIONS[source.normalization]
+        manifest["preprocessing"]["in_graph_normalization"] = (
+            "as built into the ONNX model (it takes 0..255 pixels)" if source.normalization == "raw" else
+            {"kind": source.normalization, "added_by": "edge_effnet, in front of the ONNX graph",
+             "formula": "(pixel / 255 - mean) / std", "mean": list(mean), "std": list(std)})
+        manifest["onnx_source"] = onnx2tflite.describe(source)
+        manifest["export_seconds"] = round(time.perf_counter() - started, 2)
+        bundle.write_bundle(tmp, manifest, labels)
+    return ExportResult(output=output, manifest=manifest, paths=[os.path.join(output, filename)])
 
 
 def summary(result: ExportResult) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import UserError
+from ..spec import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,8 @@ class Format:
     suffix: str          # file name: <model>_<mode><suffix>
     module: str          # import path of the converter: convert(model, mode, io, calibration) -> bytes
     description: str
+    io: tuple[str, ...] | None = None   # fixed input/output dtypes of its files; None: the mode's --io
+    options: tuple[str, ...] = ()       # extra keyword arguments convert() takes (see api.export)
 
 
 @dataclass(frozen=True)
@@ -44,15 +47,20 @@ class Mode:
 FORMATS: dict[str, Format] = {
     "tflite": Format("tflite", ".tflite", "edge_effnet.export.tflite",
                      "TensorFlow Lite flatbuffer: ai-edge-litert, tflite-runtime, Android, Raspberry Pi"),
+    "onnx": Format("onnx", ".onnx", "edge_effnet.export.onnx",
+                   "ONNX (opset 18, tf2onnx) for onnxruntime; int8 as QDQ, float32 pixels in and scores out",
+                   io=("float32",), options=("layout", "metadata")),
 }
 
 # TFLite settings map onto tf.lite.TFLiteConverter attributes: optimizations, supported_ops
 # (tf.lite.OpsSet names), supported_types (dtype names); "attributes" are set as they are.
+# ONNX settings: quantize (static QDQ with onnxruntime's quantizer), per_channel weights.
+# max_abs_diff (any format): self-check limit on the probabilities' largest difference from Keras.
 INT8_TFLITE = {"optimizations": ["DEFAULT"], "supported_ops": ["TFLITE_BUILTINS_INT8"]}  # no float fallback ops
 
 MODES: dict[str, Mode] = {
     "fp32": Mode("fp32", "float32 weights and activations (reference)", ("float32",), False,
-                 {"tflite": {}}, min_cosine=0.999),
+                 {"tflite": {}, "onnx": {"quantize": False, "max_abs_diff": 1e-4}}, min_cosine=0.999),
     "fp16": Mode("fp16", "float16 weights, float32 compute (half the size, GPU delegates)", ("float32",), False,
                  {"tflite": {"optimizations": ["DEFAULT"], "supported_types": ["float16"]}}, min_cosine=0.99),
     "dynamic": Mode("dynamic", "int8 weights, float activations quantized on the fly (no calibration)",
@@ -62,7 +70,8 @@ MODES: dict[str, Mode] = {
                     {"tflite": {"optimizations": ["DEFAULT"], "attributes": {
                         "_experimental_disable_per_channel_quantization_for_dense_layers": True}}}),
     "int8": Mode("int8", "full integer: int8 weights and activations, uint8 pixels in, uint8 scores out",
-                 ("uint8", "int8", "float32"), True, {"tflite": INT8_TFLITE}),
+                 ("uint8", "int8", "float32"), True,
+                 {"tflite": INT8_TFLITE, "onnx": {"quantize": True, "per_channel": True}}),
     "int16x8": Mode("int16x8", "int16 activations, int8 weights (closer to float than int8; slower)",
                     ("float32", "int16"), True,
                     {"tflite": {"optimizations": ["DEFAULT"],
@@ -77,6 +86,16 @@ MODES: dict[str, Mode] = {
 DEFAULT_MODE = "fp32"
 DEFAULT_FORMATS = ("tflite",)
 IO_CHOICES = ("uint8", "int8", "int16", "float32")
+LAYOUTS = ("nhwc", "nchw")  # ONNX input layout (TFLite files are NHWC)
+
+# `export --model FILE.onnx`: what the ONNX model's input expects, as (mean, std) applied to
+# pixels / 255; edge_effnet writes it into the graph so the TFLite file takes raw pixels.
+NORMALIZATIONS = {
+    "raw": ((0.0, 0.0, 0.0), (1 / 255,) * 3),        # 0..255 pixels, normalization inside (ours, keras.applications)
+    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),       # 0..1
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),         # torchvision, timm
+    "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),   # -1..1 (TF-slim, Inception, EfficientNet-Lite)
+}
 
 
 def get_mode(name: str) -> Mode:
@@ -100,6 +119,9 @@ def check_combination(mode: Mode, formats: tuple[str, ...], io: str | None) -> s
                             f"(it is for {', '.join(mode.settings)})")
     if io is None:
         return mode.io[0]
+    fixed = [FORMATS[name] for name in formats if FORMATS[name].io is not None and io not in FORMATS[name].io]
+    if fixed and len(fixed) == len(formats):
+        raise UserError(f"--io {io} does not apply to {fixed[0].name} files (they take {fixed[0].io[0]})")
     if io not in mode.io:
         raise UserError(f"--io {io} does not apply to {mode.flag} (choose from {', '.join(mode.io)})")
     return io

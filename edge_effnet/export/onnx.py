@@ -20,8 +20,8 @@ import numpy as np
 from .. import __version__
 from ..errors import UserError
 from ..fsutil import atomic_file
+from .formats import LAYOUTS
 
-LAYOUTS = ("nhwc", "nchw")
 INPUT_NAME = "pixels"
 
 
@@ -174,64 +174,20 @@ def _output_softmax(model) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "Softmax" and set(n.output) & outputs]
 
 
-def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
-    """Probabilities (N, classes) of a reference and a converted model -> comparison figures."""
-    reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
-    diff = np.abs(reference - candidate)
-    return {"images": int(len(reference)), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-            "top1_agreement": float(np.mean(reference.argmax(1) == candidate.argmax(1))),
-            "top5_overlap": float(np.mean([len(set(np.argsort(-r)[:5]) & set(np.argsort(-c)[:5])) / 5
-                                           for r, c in zip(reference, candidate)]))}
-
-
-FLOAT_MAX_ABS_DIFF = 1e-4  # self-check: float ONNX vs Keras, max abs difference of the probabilities
-
-
-def keras_outputs(model, images: np.ndarray) -> np.ndarray:
-    """The Keras model's outputs for raw pixels (N, H, W, 3), one image at a time (batch-1 models)."""
-    return np.concatenate([np.asarray(model(np.asarray(x[None], np.float32), training=False)) for x in images])
-
-
-def check_onnx(path: str, reference: np.ndarray, images: np.ndarray) -> dict:
-    """Run `images` (raw pixels, NHWC) through `path` in onnxruntime; compare with `reference`."""
-    from ..runtime import open_model
-
-    runner = open_model(path, "onnxruntime")
-    got = np.stack([runner.classify(x) for x in images])
-    return agreement(reference.reshape(len(images), -1), got)
-
-
-def export_onnx(model, outputs: dict[str, str], calibration: np.ndarray, *, metadata: dict[str, str],
-                options: OnnxOptions = OnnxOptions(), check_images: np.ndarray | None = None) -> dict:
-    """Write {"fp32": PATH[, "int8": PATH]} from `model` and check each against Keras.
-
-    The float check passes when the probabilities differ by at most FLOAT_MAX_ABS_DIFF; int8
-    files get agreement figures (top-1 agreement, top-5 overlap, max/mean abs difference).
-    """
-    images = calibration if check_images is None else check_images
-    keras_to_onnx(model, outputs["fp32"], metadata=metadata, options=options)
-    if "int8" in outputs:
-        quantize_onnx(outputs["fp32"], outputs["int8"], calibration, options=options)
-    reference = keras_outputs(model, images)
-    checks = {kind: check_onnx(path, reference, images) for kind, path in outputs.items()}
-    checks["fp32"]["passed"] = checks["fp32"]["max_abs_diff"] <= FLOAT_MAX_ABS_DIFF
-    checks["fp32"]["limit"] = FLOAT_MAX_ABS_DIFF
-    return {"files": {kind: os.path.abspath(p) for kind, p in outputs.items()}, "checks": checks,
-            "opset": options.opset, "layout": options.layout}
-
-
-def convert(model, settings: dict, calibration: np.ndarray | None = None, *, layout: str = "nhwc",
-            metadata: dict[str, str] | None = None) -> bytes:
-    """The ONNX file for one mode's `settings` (formats table: {"quantize": bool, "per_channel": bool,
-    "opset": int}) as bytes: float, or int8 QDQ calibrated on `calibration` (raw pixels)."""
+def convert(model, mode, io: str = "float32", calibration: np.ndarray | None = None, *, layout: str = "nhwc",
+            metadata: dict | None = None) -> bytes:
+    """The ONNX file for `mode` (its settings["onnx"] in the formats table) as bytes: float, or int8
+    QDQ calibrated on `calibration` (raw pixels). `metadata`: variant, preprocessing, labels."""
+    settings = mode.settings["onnx"]
     options = OnnxOptions(opset=settings.get("opset", OnnxOptions.opset), layout=layout,
                           per_channel=settings.get("per_channel", True))
+    props = metadata_for(model, layout=layout, **(metadata or {"variant": None, "preprocessing": None}))
     with tempfile.TemporaryDirectory(prefix="edge-effnet-onnx-") as work:
         path = os.path.join(work, "model.onnx")
-        keras_to_onnx(model, path, metadata=metadata, options=options)
+        keras_to_onnx(model, path, metadata=props, options=options)
         if settings.get("quantize"):
             if calibration is None or not len(calibration):
-                raise UserError("int8 ONNX needs calibration images")
+                raise UserError(f"{mode.flag} ONNX needs calibration images")
             path = quantize_onnx(path, os.path.join(work, "model_int8.onnx"), calibration, options=options)
         with open(path, "rb") as f:
             return f.read()

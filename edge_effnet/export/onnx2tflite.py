@@ -23,15 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UserError
-from ..spec import IMAGENET_MEAN, IMAGENET_STD
+from .formats import NORMALIZATIONS
 
-# What the ONNX model's input expects, written as (mean, std) applied to pixels / 255.
-NORMALIZATIONS = {
-    "raw": ((0.0, 0.0, 0.0), (1 / 255,) * 3),       # 0..255 pixels, normalization inside (ours, keras.applications)
-    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),      # 0..1
-    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),       # torchvision, timm
-    "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # -1..1 (TF-slim, Inception, EfficientNet-Lite)
-}
 # The file onnx2tf writes for each mode (names as in edge_effnet.export.formats.MODES), by the
 # quantized file's input/output dtype where that matters; quantized modes need -oiqt (calibration).
 ONNX2TF_FILES = {
@@ -154,6 +147,10 @@ def inspect_onnx(path: str, options: ImportOptions = ImportOptions(), model=None
     if not isinstance(dims[0], int):
         notes.append("batch dimension fixed at 1")
 
+    out_dims = _dims(graph.output[0])
+    if len([d for d in out_dims[1:] if isinstance(d, int) and d != 1]) > 1:
+        raise UserError(f"{path}: output {graph.output[0].name!r} has shape {out_dims}; expected a classifier "
+                        "(one score vector per image)")
     known = onnx2tf_ops()
     ops = sorted({n.op_type for n in _all_nodes(graph)})
     bad = sorted({n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}"
@@ -304,76 +301,48 @@ def run_onnx2tf(prepared_path: str, input_name: str, calibration: np.ndarray, wo
     return files
 
 
-def probabilities(y: np.ndarray) -> tuple[np.ndarray, bool]:
-    """(N, classes) outputs as probabilities: softmax unless they already are; and whether it was applied."""
-    y = np.asarray(y, np.float64).reshape(len(y), -1)
-    if y.min() >= 0 and np.allclose(y.sum(1), 1.0, atol=1e-3):
-        return y, False
-    e = np.exp(y - y.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True), True
-
-
-def check_against_source(source: SourceModel, tflite_path: str, images: np.ndarray,
-                         reference: np.ndarray | None = None) -> dict:
-    """Run `images` through the source ONNX file (onnxruntime) and the TFLite file; compare."""
+def source_scores(source: SourceModel, images: np.ndarray) -> np.ndarray:
+    """The source ONNX file's outputs in onnxruntime for raw pixels (normalized as it expects)."""
     from ..runtime import open_model
-    from .onnx import agreement
 
-    if reference is None:
-        runner = open_model(source.path, "onnxruntime")
-        reference = np.stack([runner.run(x[None]).reshape(-1) for x in source_inputs(source, images)])
-    tflite = open_model(tflite_path)
-    got = np.stack([tflite.classify(x) for x in images])
-    ref_p, softmaxed = probabilities(reference)
-    got_p, _ = probabilities(got) if softmaxed else (np.asarray(got, np.float64), False)
-    report = agreement(ref_p, got_p)
-    report["compared"] = "softmax of the outputs" if softmaxed else "probabilities"
-    report["output_max_abs_diff"] = float(np.abs(np.asarray(reference, np.float64) - got).max())
-    return report
+    runner = open_model(source.path, "onnxruntime")
+    return np.stack([runner.run(x[None]).reshape(-1) for x in source_inputs(source, images)])
 
 
-def onnx_to_tflite(path: str, outputs: dict[str, str], calibration: np.ndarray,
-                   options: ImportOptions = ImportOptions(), check_images: np.ndarray | None = None) -> dict:
-    """Convert the ONNX file `path` into TFLite files {mode: OUT} (one onnx2tf run) and check them.
+def convert_onnx(source: SourceModel, model, outputs: dict[str, str], calibration: np.ndarray,
+                 options: ImportOptions = ImportOptions()) -> None:
+    """Convert the ONNX `model` (inspected as `source`) into TFLite files {mode: OUT}, one onnx2tf run.
 
-    `calibration` holds raw pixels (N, H, W, 3) at the model's resolution (see inspect_onnx).
-    Returns a report: the source's description, the files written, and their agreement with
-    onnxruntime running the source file on `check_images` (default: the calibration images).
+    `calibration` holds raw pixels (N, H, W, 3) at the source's resolution; it calibrates the
+    quantized modes and makes onnx2tf's sample file.
     """
     import shutil
 
     from ..fsutil import atomic_file
 
-    model = load_onnx(path)
-    source = inspect_onnx(path, options, model)
+    unknown = [m for m in outputs if m not in ONNX2TF_FILES]
+    if not outputs or unknown:
+        raise UserError(f"mode {unknown[0] if unknown else None!r} is not available for ONNX -> TFLite "
+                        f"(choose from {', '.join(ONNX2TF_FILES)})")
     calibration = np.asarray(calibration)
     if calibration.shape[1:3] != source.resolution:
         raise UserError(f"calibration images are {calibration.shape[1]}x{calibration.shape[2]}; "
-                        f"{path} takes {source.resolution[0]}x{source.resolution[1]}")
-    if not outputs:
-        raise UserError("name at least one output file")
-    unknown = [m for m in outputs if m not in ONNX2TF_FILES]
-    if unknown:
-        raise UserError(f"mode {unknown[0]!r} is not available for ONNX -> TFLite (choose from {', '.join(ONNX2TF_FILES)})")
+                        f"{source.path} takes {source.resolution[0]}x{source.resolution[1]}")
     onnx = _import_onnx()
     with tempfile.TemporaryDirectory(prefix="edge-effnet-onnx2tf-") as work:
         prepared, input_name = prepare(model, source)
         prepared_path = os.path.join(work, "model.onnx")
         onnx.save(prepared, prepared_path)
-        print(f"converting {path} with onnx2tf (offline, {len(calibration)} calibration images) ...",
-              file=sys.stderr)
         made = run_onnx2tf(prepared_path, input_name, calibration, work, outputs, options)
-        for kind, made_path in made.items():
-            with atomic_file(outputs[kind]) as tmp:
+        for mode, made_path in made.items():
+            with atomic_file(outputs[mode]) as tmp:
                 shutil.copyfile(made_path, tmp)
-    images = calibration if check_images is None else check_images
-    from ..runtime import open_model
 
-    runner = open_model(path, "onnxruntime")
-    reference = np.stack([runner.run(x[None]).reshape(-1) for x in source_inputs(source, images)])
-    checks = {kind: check_against_source(source, outputs[kind], images, reference) for kind in outputs}
-    return {"source": {"path": os.path.abspath(path), "input": source.input_name, "layout": source.layout,
-                       "resolution": list(source.resolution), "normalization": source.normalization,
-                       "opset": source.opset, "ops": source.ops, "notes": source.notes,
-                       "metadata": source.metadata},
-            "files": {kind: os.path.abspath(p) for kind, p in outputs.items()}, "checks": checks}
+
+def describe(source: SourceModel) -> dict:
+    """The manifest's record of the source file."""
+    return {"path": os.path.abspath(source.path), "input": source.input_name, "layout": source.layout,
+            "resolution": list(source.resolution), "normalization": source.normalization,
+            "normalization_mean_std": [list(v) for v in NORMALIZATIONS[source.normalization]],
+            "opset": source.opset, "ops": source.ops, "notes": source.notes, "output": source.output_name,
+            "metadata": {k: v for k, v in source.metadata.items() if k != "labels"}}

@@ -61,13 +61,25 @@ def run_file(path: str, images: np.ndarray, backend: str = "auto", num_threads: 
 
 
 def selfcheck(path: str, images: np.ndarray, reference: np.ndarray, backend: str = "auto",
-              min_cosine: float | None = None) -> dict:
-    """Run `path` on `images` and compare with `reference` (the Keras scores); a dict of figures."""
+              min_cosine: float | None = None, max_abs_diff: float | None = None,
+              against: str = "the Keras model", as_probabilities: bool = False) -> dict:
+    """Run `path` on `images` and compare with `reference` (the Keras scores); a dict of figures.
+
+    as_probabilities: compare both sides as probabilities (logits through a softmax), for a
+    reference such as an imported ONNX model's raw outputs. max_abs_diff limits the largest difference.
+    """
+    from ..classify import to_probabilities
+
     scores, runner = run_file(path, images, backend)
+    if as_probabilities:
+        reference, scores = to_probabilities(reference), to_probabilities(scores)
     figures = agreement(reference, scores)
     figures.update(runtime=runner.backend, runtime_version=runner.version, input=runner.inputs[0],
                    output=runner.outputs[0])
     if min_cosine is not None and figures["cosine_mean"] < min_cosine:
-        raise CheckFailed(f"self-check: {path} disagrees with the Keras model (mean cosine "
+        raise CheckFailed(f"self-check: {path} disagrees with {against} (mean cosine "
                           f"{figures['cosine_mean']:.4f} < {min_cosine}); the conversion is broken")
+    if max_abs_diff is not None and figures["max_abs_diff"] > max_abs_diff:
+        raise CheckFailed(f"self-check: {path} differs from {against} by {figures['max_abs_diff']:.2e} "
+                          f"in probability (limit {max_abs_diff:.0e})")
     return figures
