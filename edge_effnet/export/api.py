@@ -83,9 +83,14 @@ def validate(options: ExportOptions) -> tuple[Mode, str, str]:
     if onnx_model:
         if options.resolution is not None and options.resolution < 1:
             raise UserError(f"resolution must be > 0 (got {options.resolution})")
+        from .onnx2tflite import ONNX2TF_FILES
+
         if tuple(options.formats) != ("tflite",):
             raise UserError(f"--model {os.path.basename(options.model_path)} converts to --format tflite only "
                             f"(got {','.join(options.formats)})")
+        if mode.name not in ONNX2TF_FILES:
+            raise UserError(f"{mode.flag} is not available for --model FILE.onnx "
+                            f"(choose from {', '.join('--' + m for m in ONNX2TF_FILES)})")
     elif options.normalization is not None or options.resolution is not None:
         raise UserError(f"--{'normalization' if options.normalization else 'resolution'} applies to --model FILE.onnx")
     if options.normalization is not None and options.normalization not in NORMALIZATIONS:
@@ -181,12 +186,7 @@ def export(options: ExportOptions, echo=None) -> ExportResult:
                 f.write(data)
             figures = selfcheck(path, check, reference, _backend_for(options.backend, fmt.suffix), mode.min_cosine,
                                 mode.settings[fmt.name].get("max_abs_diff"))
-            record = {**bundle.file_record(path), "format": fmt.name, "mode": mode.name, "io": file_io,
-                      "input": figures.pop("input"), "output": figures.pop("output"),
-                      "export_seconds": round(seconds, 2), **converter.inspect(path), "selfcheck": figures}
-            record["verified_runtimes"] = [f"{figures['runtime']} {figures['runtime_version']}"]
-            if len(record.get("float_activations", ())) > 20:
-                record["float_activations"] = f"{len(record['float_activations'])} (float model)"
+            record = _file_record(path, fmt.name, mode, file_io, seconds, converter.inspect(path), figures)
             if mode.report:
                 module, function = mode.report.split(":")
                 record["report"] = getattr(importlib.import_module(module), function)(path, tmp, echo)
@@ -207,6 +207,17 @@ def export(options: ExportOptions, echo=None) -> ExportResult:
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
         bundle.write_bundle(tmp, manifest, labels)
     return ExportResult(output=output, manifest=manifest, paths=paths)
+
+
+def _file_record(path: str, fmt: str, mode: Mode, io: str, seconds: float, inspected: dict, figures: dict) -> dict:
+    """The manifest's record of one exported file: what it is, what it holds, how it checked."""
+    record = {**bundle.file_record(path), "format": fmt, "mode": mode.name, "io": io,
+              "input": figures.pop("input"), "output": figures.pop("output"),
+              "export_seconds": round(seconds, 2), **inspected, "selfcheck": figures}
+    record["verified_runtimes"] = [f"{figures['runtime']} {figures['runtime_version']}"]
+    if len(record.get("float_activations", ())) > 20:
+        record["float_activations"] = f"{len(record['float_activations'])} (float model)"
+    return record
 
 
 def _backend_for(backend: str, suffix: str) -> str:
@@ -260,12 +271,8 @@ def export_onnx_model(options: ExportOptions, mode: Mode, io: str, output: str, 
                             mode.settings.get("onnx", {}).get("max_abs_diff"),
                             against=f"onnxruntime running {os.path.basename(options.model_path)}",
                             as_probabilities=True)
-        record = {**bundle.file_record(path), "format": "tflite", "mode": mode.name, "io": io,
-                  "input": figures.pop("input"), "output": figures.pop("output"), "export_seconds": round(seconds, 2),
-                  "converter": "onnx2tf", **tflite.inspect(path), "selfcheck": figures}
-        record["verified_runtimes"] = [f"{figures['runtime']} {figures['runtime_version']}"]
-        if len(record.get("float_activations", ())) > 20:
-            record["float_activations"] = f"{len(record['float_activations'])} (float model)"
+        record = _file_record(path, "tflite", mode, io, seconds, {"converter": "onnx2tf", **tflite.inspect(path)},
+                              figures)
         calibration = {**calib_info, "count": min(calib_info["count"], options.num_calib)} if mode.calibration else None
         manifest = bundle.build_manifest(
             name=name, spec=None, source=os.path.abspath(options.model_path), weights="from the ONNX file",
