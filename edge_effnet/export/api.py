@@ -251,13 +251,12 @@ def export_onnx_model(options: ExportOptions, mode: Mode, io: str, output: str, 
     check = images[:options.num_check]
     reference = onnx2tflite.source_scores(source, check)
     num_classes = int(reference.shape[1])
-    labels = None
-    if options.labels:
-        labels = bundle.read_labels(options.labels, num_classes)
-    elif "labels" in source.metadata:  # our own ONNX files carry them
+    if "labels" in source.metadata and not options.labels:  # our own ONNX files carry them
         import json
 
-        labels = json.loads(source.metadata["labels"])
+        labels, labels_source = json.loads(source.metadata["labels"]), "the ONNX file's metadata"
+    else:
+        labels, labels_source = bundle.bundle_labels(options.labels, num_classes, None, options.model_path)
     with atomic_dir(output, options.force) as tmp:
         filename = bundle.model_filename(name, mode.name, ".tflite")
         path = os.path.join(tmp, filename)
@@ -278,7 +277,7 @@ def export_onnx_model(options: ExportOptions, mode: Mode, io: str, output: str, 
             name=name, spec=None, source=os.path.abspath(options.model_path), weights="from the ONNX file",
             resolution=resolution, num_classes=num_classes,
             mode={"name": mode.name, "description": mode.description, "io": io}, calibration=calibration,
-            files=[record], labels=labels, warnings=warnings,
+            files=[record], labels=labels, labels_source=labels_source, warnings=warnings,
             check_images={"source": calib_info["source"], "count": int(len(check)),
                           "synthetic": calib_info["synthetic"]})
         mean, std = NORMALIZATIONS[source.normalization]
