@@ -17,13 +17,13 @@ def _convert(model, path, mode, images):
     from edge_effnet.export.tflite import frozen_graph
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen_graph(model)])
-    if mode in ("int8", "dynamic"):
+    if mode in ("int8", "int8-float-io", "dynamic"):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if mode == "int8":
+    if mode.startswith("int8"):
         converter.representative_dataset = lambda: ([x[None]] for x in images)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.uint8
-        converter.inference_output_type = tf.uint8
+    if mode == "int8":
+        converter.inference_input_type = converter.inference_output_type = tf.uint8
     path.write_bytes(converter.convert())
     return str(path)
 
@@ -70,6 +70,7 @@ def models(tmp_path_factory):
     return {
         "leaky_int8": _convert(leaky, folder / "leaky_int8.tflite", "int8", images),
         "leaky_float": _convert(leaky, folder / "leaky_float.tflite", "float", images),
+        "leaky_float_io": _convert(leaky, folder / "leaky_float_io.tflite", "int8-float-io", images),
         "leaky_dynamic": _convert(leaky, folder / "leaky_dynamic.tflite", "dynamic", images),
         "cumsum_float": _convert(_cumsum_model(), folder / "cumsum.tflite", "float", images),
         "tiny_int8": _convert(tiny, folder / "tiny_int8.tflite", "int8", tiny_images),
@@ -115,6 +116,16 @@ def test_first_unsupported_op_and_mac_share(models):
     devices = [row["device"] for row in report["ops"]]
     assert devices[:3] == ["edgetpu"] * 3 and set(devices[3:]) == {"cpu"}
     assert "LEAKY_RELU" in report["verdict"] and "run on the CPU" in report["verdict"]
+
+
+def test_float_input_output_conversions_stay_on_the_cpu(models):
+    report = preflight(models["leaky_float_io"])
+    rows = report["ops"]
+    assert report["quantization"]["status"] == "full-integer, float I/O"
+    assert rows[0]["op"] == "QUANTIZE" and rows[0]["device"] == "cpu" and rows[0]["note"]
+    assert rows[-1]["op"] == "DEQUANTIZE" and rows[-1]["device"] == "cpu"
+    # the float input conversion does not end the Edge TPU segment: the LeakyReLU still does
+    assert report["first_unsupported_op"] == "LEAKY_RELU" and [r["device"] for r in rows[1:3]] == ["edgetpu"] * 2
 
 
 def test_float_model_is_not_quantized(models):

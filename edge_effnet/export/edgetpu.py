@@ -239,6 +239,10 @@ def verdict(report: dict) -> str:
     if q["status"] == "not quantized":
         return q["reason"]
     if report["maps_fully"]:
+        io = report["ops_total"] - report["ops_on_edgetpu"]
+        if io:
+            return (f"maps fully: {report['ops_on_edgetpu']} ops with all {_macs(report['macs_total'])} MACs on the "
+                    f"Edge TPU; the {io} float input/output conversions run on the CPU (uint8 I/O avoids them)")
         return (f"maps fully: all {report['ops_total']} ops can run on the Edge TPU "
                 f"({_macs(report['macs_total'])} MACs)")
     i = report["first_unsupported_index"]
