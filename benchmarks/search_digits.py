@@ -51,7 +51,7 @@ def versions() -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-class", type=int, default=100, help="digits per class (the set has ~180)")
+    parser.add_argument("--per-class", type=int, default=60, help="digits per class (the set has ~180)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--grid-step", type=float, default=0.2)

@@ -217,6 +217,9 @@ def compile_recipe(model, config: TrainConfig, steps_per_epoch: int) -> None:
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
                   jit_compile=False)  # XLA's compile time dwarfs a small run's training on CPUs
+    # Create the optimizer's slots now, eagerly: created inside fit's first trace they cost about
+    # 0.15 s each (600 for B1), a third of a small candidate's whole compile time.
+    model.optimizer.build(model.trainable_variables)
 
 
 def recalibrate_batchnorm(model, pixels: np.ndarray, batch_size: int = 64, max_images: int = 4096) -> None:
