@@ -253,6 +253,11 @@ def run_search(data_dir: str, run_dir: str, config: SearchConfig = SearchConfig(
     results = run_trials(data_dir, run_dir, todo, config, train_config, verbose=verbose)
     if results is None:  # a worker in KerasTuner's chief/worker mode
         return None
+    if results and all(r.get("over_target") for r in results):
+        fastest = min(results, key=lambda r: r["latency_ms"])
+        raise UserError(f"the latency target of {config.target_ms:g} ms cannot be met: the fastest of "
+                        f"{len(results)} candidate(s) ({fastest['key']}) takes {fastest['latency_ms']:.2f} ms on one "
+                        "core; raise --target-ms or lower --base-resolution")
     ranking = rank(results)
     report = dict(data=os.path.abspath(data_dir), num_classes=num_classes, settings=settings["search"],
                   train=settings["train"], normalizer=config.normalizer(), candidates_planned=len(todo),

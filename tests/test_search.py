@@ -109,3 +109,16 @@ def test_killed_search_resumes_without_retraining(tmp_path, digits_dir):
     assert report["step2"].startswith(f"edge-effnet build --phi 1 --alpha {report['best']['alpha']:g}")
     assert "| rank |" in (run / "results.md").read_text() and (run / "accuracy_vs_cost.png").stat().st_size > 1000
     assert "Best: alpha" in resumed.stdout
+
+
+def test_latency_objective_measures_tflite_and_an_unmeetable_target_is_an_error(tmp_path, digits_dir):
+    run = tmp_path / "run"
+    r = run_cli("search", "--data", digits_dir, *SEARCH, "--objective", "latency", "--target-ms", "0.001",
+                "--max-candidates", "1", "-o", run)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "cannot be met" in lines[-1] and "Traceback" not in r.stderr, r.stderr
+    result = json.loads((run / "candidates" / "a1_b1_g1.4.json").read_text())
+    assert result["over_target"] and result["accuracy"] is None and result["train_seconds"] == 0  # not trained
+    assert result["latency_ms"] > 0.001 and result["latency_runs"] == 20 and result["runtime"]
+    assert (run / "candidates" / "a1_b1_g1.4.tflite").stat().st_size == result["tflite_bytes"] > 100_000
+    assert not (run / "results.json").exists()
