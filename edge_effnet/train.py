@@ -315,7 +315,8 @@ def train_arrays(spec: ModelSpec, pixels: np.ndarray, labels: np.ndarray, class_
     train_ds = make_dataset(pixels[train_idx], labels[train_idx], num_classes, config.batch_size, True,
                             config.augment, config.seed)
     val_ds = make_dataset(pixels[val_idx], labels[val_idx], num_classes, config.batch_size, False)
-    fit = model.fit(train_ds, epochs=config.epochs, callbacks=callbacks, verbose=verbose, shuffle=False)  # ds shuffles
+    fit = model.fit(train_ds, epochs=config.epochs, callbacks=callbacks, verbose=verbose,
+                    shuffle=False)  # the dataset shuffles
     recalibrate_batchnorm(model, pixels[train_idx], max(config.batch_size, 64))
     val_loss, val_accuracy = model.evaluate(val_ds, verbose=0)
     if not callbacks:  # no checkpoint folder: the history lives in memory only
