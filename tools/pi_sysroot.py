@@ -5,7 +5,8 @@ Assembles an arm64 Debian bookworm root from Debian's packages (debootstrap --fo
 the downloaded .debs unpacked with dpkg-deb -x: nothing is executed inside it, so binfmt_misc
 is not needed), adds the aarch64 wheels of edge-effnet's light runtime (one site folder per
 interpreter: ai-edge-litert with numpy 2, tflite-runtime 2.14 with numpy < 2), and runs
-`qemu-aarch64-static -L ROOT ROOT/usr/bin/python3.11` on it with the project's own package.
+`qemu-aarch64-static -cpu cortex-a72 -L ROOT ROOT/usr/bin/python3.11` (a Raspberry Pi 4's
+instruction set) on it with the project's own package.
 
     python tools/pi_sysroot.py                       # build once (cached), print what is there
     python tools/pi_sysroot.py run [--runtime litert|tflite-runtime] -- -m edge_effnet bench m.tflite
@@ -36,6 +37,10 @@ PACKAGE = "edge_effnet"
 SUITE = "bookworm"           # Raspberry Pi OS 64-bit is Debian bookworm, Python 3.11
 PYTHON = "usr/bin/python3.11"
 QEMU = "qemu-aarch64-static"
+# The emulated CPU's instruction set. Raspberry Pi 4 = Cortex-A72 (ARMv8.0, like the Pi 3's A53:
+# no dot-product or fp16 arithmetic), the common denominator of 64-bit Pis; Pi 5 = cortex-a76.
+# qemu's default ("max") has features no Pi has, and the runtimes would pick kernels for them.
+CPUS = ("cortex-a72", "cortex-a76", "cortex-a53")
 APT_HINT = "apt-get install debootstrap qemu-user-static"
 
 # One site folder per interpreter; the two cannot share one (tflite-runtime 2.14 needs numpy < 2).
@@ -185,7 +190,7 @@ class Sysroot:
         self.versions: dict = {}
 
     def command(self, runtime: str, argv: list[str], extra_paths: tuple[str, ...] = (),
-                arch: str = "aarch64") -> tuple[list[str], dict]:
+                arch: str = "aarch64", cpu: str = CPUS[0]) -> tuple[list[str], dict]:
         """(cmd, env): only the interpreter's standard library, `extra_paths` and the runtime's
         site folder are importable (a clean environment: nothing of the host's packages)."""
         if runtime not in RUNTIMES:
@@ -194,7 +199,7 @@ class Sysroot:
                "PYTHONPATH": os.pathsep.join([*extra_paths, self.sites[arch, runtime]])}
         if arch == "x86_64":  # -S: without the host's site-packages (a venv's TensorFlow stays out)
             return [sys.executable, "-S", *argv], env
-        return [QEMU, "-L", self.root, os.path.join(self.root, PYTHON), *argv], env
+        return [QEMU, "-cpu", cpu, "-L", self.root, os.path.join(self.root, PYTHON), *argv], env
 
     def check(self, runtime: str, arch: str = "aarch64") -> dict:
         """Import numpy and the runtime there; return the versions found."""
@@ -259,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--runtime", choices=list(RUNTIMES), default="litert")
     run.add_argument("--arch", choices=ARCHES, default="aarch64",
                      help="x86_64: the host's Python 3.11 with the same runtime versions (a reference)")
+    run.add_argument("--cpu", choices=CPUS, default=CPUS[0],
+                     help="emulated CPU: cortex-a72 = Raspberry Pi 4 (default), cortex-a76 = Pi 5, cortex-a53 = Pi 3")
     run.add_argument("args", nargs=argparse.REMAINDER)
     opts = parser.parse_args(argv)
     try:
@@ -269,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args = opts.args[1:] if opts.args[:1] == ["--"] else opts.args
         with tempfile.TemporaryDirectory(prefix="pi-project-") as project:
-            cmd, env = sysroot.command(opts.runtime, args, (project_copy(project),), opts.arch)
+            cmd, env = sysroot.command(opts.runtime, args, (project_copy(project),), opts.arch, opts.cpu)
             return subprocess.run(cmd, env=env).returncode
     except SysrootError as exc:
         print(f"pi-sysroot: error: {exc}", file=sys.stderr)
