@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                               "versions": sysroot.versions}, indent=2))
             return 0
         args = opts.args[1:] if opts.args[:1] == ["--"] else opts.args
+        say(f"emulated aarch64 ({QEMU} -cpu {opts.cpu}): run times here are not latencies")
         with tempfile.TemporaryDirectory(prefix="pi-project-") as project:
             cmd, env = sysroot.command(opts.runtime, args, (project_copy(project),), opts.arch, opts.cpu)
             return subprocess.run(cmd, env=env).returncode
