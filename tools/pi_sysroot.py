@@ -19,6 +19,7 @@ below. Emulated run times are not latencies: never report them as such.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import fcntl
 import glob
@@ -227,27 +228,31 @@ def ensure(cache: str | None = None, rebuild: bool = False) -> Sysroot:
     check_host()
     cache = cache or cache_root()
     root_name = f"root-{SUITE}-arm64-{_key(SUITE)}"
-    with _cached(cache, root_name, rebuild) as work:
-        if work:
-            _debootstrap(os.path.join(work, "root"), os.path.join(work, "build.log"))
-    sites = {}
-    for runtime in RUNTIMES:
-        for arch in ARCHES:
-            name = f"site-{arch}-{runtime}-{_key([RUNTIMES[runtime], PLATFORMS, arch])}"
-            with _cached(cache, name, rebuild) as work:
-                if work:
-                    _wheels(runtime, arch, os.path.join(work, "site"), os.path.join(work, "build.log"))
-            sites[arch, runtime] = os.path.join(cache, name, "site")
+    sites = {(arch, runtime): f"site-{arch}-{runtime}-{_key([RUNTIMES[runtime], PLATFORMS, arch])}"
+             for runtime in RUNTIMES for arch in ARCHES}
+
+    def build(name: str, make) -> None:
+        with _cached(cache, name, rebuild) as work:
+            if work:
+                make(work)
+
+    jobs = [(root_name, lambda w: _debootstrap(os.path.join(w, "root"), os.path.join(w, "build.log")))]
+    jobs += [(name, lambda w, r=runtime, a=arch: _wheels(r, a, os.path.join(w, "site"), os.path.join(w, "build.log")))
+             for (arch, runtime), name in sites.items()]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:  # downloads overlap: mostly network
+        for future in [pool.submit(build, name, make) for name, make in jobs]:
+            future.result()
+    sites = {key: os.path.join(cache, name, "site") for key, name in sites.items()}
     sysroot = Sysroot(os.path.join(cache, root_name, "root"), sites)
     stamp = os.path.join(cache, f"checked-{_key([root_name, sorted(sites.values())])}.json")
     if os.path.isfile(stamp) and not rebuild:
         with open(stamp) as f:
             sysroot.versions = json.load(f)
         return sysroot
-    for runtime in RUNTIMES:
-        for arch in ARCHES:
-            say(f"checking {runtime} on {arch}{' (emulated)' if arch == 'aarch64' else ''} ...")
-            sysroot.versions[f"{arch}/{runtime}"] = sysroot.check(runtime, arch)
+    say("checking that each runtime imports on aarch64 (emulated) and x86_64 ...")
+    with concurrent.futures.ThreadPoolExecutor(len(sites)) as pool:
+        checks = {f"{a}/{r}": pool.submit(sysroot.check, r, a) for a, r in sites}
+        sysroot.versions = {name: future.result() for name, future in checks.items()}
     with open(stamp + ".tmp", "w") as f:
         json.dump(sysroot.versions, f, indent=2)
     os.replace(stamp + ".tmp", stamp)
