@@ -6,10 +6,12 @@ the downloaded .debs unpacked with dpkg-deb -x: nothing is executed inside it, s
 is not needed), adds the aarch64 wheels of edge-effnet's light runtime (one site folder per
 interpreter: ai-edge-litert with numpy 2, tflite-runtime 2.14 with numpy < 2), and runs
 `qemu-aarch64-static -cpu cortex-a72 -L ROOT ROOT/usr/bin/python3.11` (a Raspberry Pi 4's
-instruction set) on it with the project's own package.
+instruction set) on it with the project's own package. The same wheel versions are fetched for
+x86_64 as well, run by the host's Python 3.11: the reference to compare the Pi's outputs with.
 
     python tools/pi_sysroot.py                       # build once (cached), print what is there
     python tools/pi_sysroot.py run [--runtime litert|tflite-runtime] -- -m edge_effnet bench m.tflite
+    python tools/pi_sysroot.py run --arch x86_64 -- tools/rpi_classify.py bundle/ cat.jpg
 
 Needs root, network access to Debian and PyPI on the first run, and
 `apt-get install debootstrap qemu-user-static`. The result is cached in
@@ -223,8 +225,8 @@ def project_copy(dest: str) -> str:
 
 
 def ensure(cache: str | None = None, rebuild: bool = False) -> Sysroot:
-    """The cached Debian root and wheel folders, built first where missing (cold: about 3 minutes,
-    ~550 MB), each checked by importing the runtime there."""
+    """The cached Debian root and wheel folders, built first where missing (cold: about 4 minutes
+    on 2 busy cores, ~700 MB), each checked by importing the runtime there."""
     check_host()
     cache = cache or cache_root()
     root_name = f"root-{SUITE}-arm64-{_key(SUITE)}"
