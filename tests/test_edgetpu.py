@@ -29,7 +29,7 @@ def _convert(model, path, mode, images):
 
 
 def _leaky_model():
-    """conv3x3(8) -> conv3x3(16) -> LeakyReLU (not an Edge TPU op) -> conv1x1(8) -> pool -> dense(4)."""
+    """conv3x3(8) -> conv3x3(16) -> LeakyReLU (not an Edge TPU op) -> conv1x1(8) -> pool -> dense(10)."""
     from edge_effnet.models import import_keras
 
     keras = import_keras()
@@ -40,7 +40,7 @@ def _leaky_model():
     x = L.LeakyReLU(0.1)(x)
     x = L.Conv2D(8, 1)(x)
     x = L.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, L.Dense(4)(x))
+    return keras.Model(inputs, L.Dense(10)(x))
 
 
 def _cumsum_model():
@@ -110,7 +110,7 @@ def test_first_unsupported_op_and_mac_share(models):
     assert "not an Edge TPU operation" in report["first_unsupported_reasons"][0]
     assert not report["maps_fully"] and report["quantization"]["status"] == "full-integer"
     before = _conv_macs(RES, RES, 3, 3, 8) + _conv_macs(RES, RES, 3, 8, 16)
-    total = before + _conv_macs(RES, RES, 1, 16, 8) + 8 * 4
+    total = before + _conv_macs(RES, RES, 1, 16, 8) + 8 * 10
     assert report["macs_total"] == total and report["macs_on_edgetpu"] == before
     assert report["mac_share_on_edgetpu"] == pytest.approx(before / total, abs=1e-6)
     devices = [row["device"] for row in report["ops"]]
@@ -286,3 +286,23 @@ def test_export_edgetpu_bad_options(tmp_path, extra, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow  # onnx2tf: about two minutes on a loaded 2-core machine
+def test_export_onnx_model_for_the_edgetpu_warns_when_it_does_not_map(tmp_path, chelsea):
+    """An ONNX model from elsewhere (here: the LeakyReLU model) -> onnx2tf int8 -> pre-flight in the bundle."""
+    import os
+
+    from edge_effnet.export.onnx import keras_to_onnx
+
+    source = tmp_path / "leaky.onnx"
+    keras_to_onnx(_leaky_model(), str(source))
+    out = tmp_path / "bundle"
+    result = run_cli("export", "--model", source, "--normalization", "unit", "--edgetpu",
+                     "--calib", os.path.dirname(chelsea), "--num-calib", "8", "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert "WARNING: not every op runs on the Edge TPU" in result.stderr
+    record = json.loads((out / "manifest.json").read_text())["files"][0]
+    report = json.loads((out / "edgetpu_preflight.json").read_text())
+    assert record["io"] == "uint8" and record["report"]["first_unsupported_op"] == "LEAKY_RELU"
+    assert report["first_unsupported_op"] == "LEAKY_RELU" and 0 < report["mac_share_on_edgetpu"] < 1

@@ -187,11 +187,7 @@ def export(options: ExportOptions, echo=None) -> ExportResult:
             figures = selfcheck(path, check, reference, _backend_for(options.backend, fmt.suffix), mode.min_cosine,
                                 mode.settings[fmt.name].get("max_abs_diff"))
             record = _file_record(path, fmt.name, mode, file_io, seconds, converter.inspect(path), figures)
-            if mode.report:
-                module, function = mode.report.split(":")
-                record["report"] = getattr(importlib.import_module(module), function)(path, tmp, echo)
-                if record["report"].get("warning"):
-                    warnings.append(record["report"]["warning"])
+            _mode_report(mode, path, tmp, echo, record, warnings)
             records.append(record)
             paths.append(os.path.join(output, filename))
         calibration = None
@@ -218,6 +214,15 @@ def _file_record(path: str, fmt: str, mode: Mode, io: str, seconds: float, inspe
     if len(record.get("float_activations", ())) > 20:
         record["float_activations"] = f"{len(record['float_activations'])} (float model)"
     return record
+
+
+def _mode_report(mode: Mode, path: str, folder: str, echo, record: dict, warnings: list[str]) -> None:
+    """The mode's extra step on an exported file (--edgetpu: the Edge TPU pre-flight) into its record."""
+    if mode.report:
+        module, function = mode.report.split(":")
+        record["report"] = getattr(importlib.import_module(module), function)(path, folder, echo)
+        if record["report"].get("warning"):
+            warnings.append(record["report"]["warning"])
 
 
 def _backend_for(backend: str, suffix: str) -> str:
@@ -272,6 +277,7 @@ def export_onnx_model(options: ExportOptions, mode: Mode, io: str, output: str, 
                             as_probabilities=True)
         record = _file_record(path, "tflite", mode, io, seconds, {"converter": "onnx2tf", **tflite.inspect(path)},
                               figures)
+        _mode_report(mode, path, tmp, echo, record, warnings)
         calibration = {**calib_info, "count": min(calib_info["count"], options.num_calib)} if mode.calibration else None
         manifest = bundle.build_manifest(
             name=name, spec=None, source=os.path.abspath(options.model_path), weights="from the ONNX file",

@@ -33,8 +33,9 @@ ONNX2TF_FILES = {
     "dynamic": {"float32": "dynamic_range_quant"},
     "int8": {"uint8": "full_integer_quant", "int8": "full_integer_quant", "float32": "integer_quant"},
     "int16x8": {"float32": "integer_quant_with_int16_act", "int16": "full_integer_quant_with_int16_act"},
+    "edgetpu": {"uint8": "full_integer_quant", "int8": "full_integer_quant"},
 }
-CALIBRATED = ("int8", "int16x8")
+CALIBRATED = ("int8", "int16x8", "edgetpu")
 SAMPLE_FILE = "calibration_image_sample_data_20x128x128x3_float32.npy"  # onnx2tf's own name for it
 SAMPLE_SHAPE = (20, 128, 128, 3)
 OFFLINE_PROXY = "http://127.0.0.1:9"  # discard port: any download attempt fails at once
