@@ -122,7 +122,7 @@ def plan(spec: ModelSpec, resolution: int | None = None) -> Plan:
                 expand=expand,
                 se_filters=se,
                 fused=block.fused,
-                residual=block.id_skip and strides == 1 and f_in == f_out,
+                residual=block.id_skip and strides == 1 and channels == f_out,  # the real input: lite fixes the stem
                 drop_rate=spec.drop_connect * len(out) / total,
                 in_size=size,
                 out_size=new_size,
