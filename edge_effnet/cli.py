@@ -265,6 +265,8 @@ def eval_(model, data, reference, weights, backend, limit, json_out, force):
         with atomic_file(json_out) as tmp, open(tmp, "w") as f:
             json.dump(result, f, indent=1)
         click.echo(f"wrote {json_out}")
+
+
 def export_options(f):
     """Every `edge-effnet export` option but the model ones; mode flags come from the formats table."""
     from .export.api import NUM_CALIB, ExportOptions
@@ -291,7 +293,10 @@ def export_options(f):
                           "Without it: synthetic images, accuracy unknown."),
         click.option("--num-calib", type=click.IntRange(min=1), default=NUM_CALIB, show_default=True,
                      help="How many calibration images to use."),
-        click.option("--labels", type=click.Path(dir_okay=False), help="Class names, one per line -> labels.txt."),
+        click.option("--no-bias-correction", "bias_correction", is_flag=True, default=True, flag_value=False,
+                     help="int8 weights: skip the bias correction (see edge_effnet.quantize)."),
+        click.option("--labels", type=click.Path(dir_okay=False),
+                     help="Class names, one per line -> labels.txt (ImageNet models get ImageNet's)."),
         click.option("-o", "--output", metavar="OUTDIR", help="Bundle folder (default: <model>-<mode>)."),
         click.option("--force", is_flag=True, help="Replace OUTDIR if it exists."),
     ]

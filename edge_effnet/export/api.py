@@ -35,7 +35,8 @@ class ExportOptions:
     calib: str | None = None             # folder or .npy; None: synthetic (accuracy unknown)
     num_calib: int = NUM_CALIB
     num_check: int = NUM_CHECK
-    labels: str | None = None            # labels file, one class per line
+    labels: str | None = None            # labels file, one class per line; ImageNet weights: ImageNet's
+    bias_correction: bool = True         # int8-weight TFLite modes, real calibration images: quantize.correct_bias
     output: str | None = None            # bundle folder; None: <name>-<mode> in the cwd
     force: bool = False
     backend: str = "auto"                # runtime for the self-check
@@ -166,7 +167,7 @@ def export(options: ExportOptions, echo=None) -> ExportResult:
     labels, labels_source = bundle.bundle_labels(options.labels, num_classes, options.weights, options.model_path)
     reference = reference_scores(model, check)
 
-    records, paths = [], []
+    records, paths, corrected_model = [], [], None
     with atomic_dir(output, options.force) as tmp:
         for fmt_name in options.formats:
             fmt = FORMATS[fmt_name]
@@ -177,7 +178,15 @@ def export(options: ExportOptions, echo=None) -> ExportResult:
                 "variant": name, "labels": labels,
                 "preprocessing": options.spec.preprocessing if options.spec else "in the .keras model"}}
             t0 = time.perf_counter()
-            data = converter.convert(model, mode, file_io, images[:options.num_calib] if mode.calibration else None,
+            corrected = fmt_name == "tflite" and mode.calibration and options.bias_correction \
+                and not calib_info["synthetic"]
+            if corrected and corrected_model is None:
+                from ..quantize import correct_bias
+
+                echo(f"correcting biases for int8 weights on {min(len(images), options.num_calib)} calibration images")
+                corrected_model = correct_bias(model, images[:options.num_calib])
+            data = converter.convert(corrected_model if corrected else model, mode, file_io,
+                                     images[:options.num_calib] if mode.calibration else None,
                                      **{k: v for k, v in extra.items() if k in fmt.options})
             seconds = time.perf_counter() - t0
             filename = bundle.model_filename(name, mode.name, fmt.suffix)
@@ -187,6 +196,7 @@ def export(options: ExportOptions, echo=None) -> ExportResult:
             figures = selfcheck(path, check, reference, _backend_for(options.backend, fmt.suffix), mode.min_cosine,
                                 mode.settings[fmt.name].get("max_abs_diff"))
             record = _file_record(path, fmt.name, mode, file_io, seconds, converter.inspect(path), figures)
+            record["bias_correction"] = bool(corrected)
             _mode_report(mode, path, tmp, echo, record, warnings)
             records.append(record)
             paths.append(os.path.join(output, filename))
