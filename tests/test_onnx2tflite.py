@@ -168,7 +168,8 @@ def test_onnx_model_options_are_checked_before_work(tmp_path):
     assert "--normalization applies to --model FILE.onnx" in _cli_error(tmp_path, "--variant", "b0",
                                                                           "--normalization", "unit")
     assert "--weights applies to" in _cli_error(tmp_path, "--model", path, "--weights", "imagenet")
-    assert "--edgetpu is not available for --model FILE.onnx" in _cli_error(tmp_path, "--model", path, "--edgetpu")
+    assert "--io float32 does not apply to --edgetpu" in _cli_error(tmp_path, "--model", path, "--edgetpu",
+                                                                   "--io", "float32")
 
 
 def test_non_image_input_and_unknown_normalization(tmp_path):
