@@ -256,3 +256,40 @@ def test_int8_full_size_trained_lite0(tmp_path, photos):
     assert check["top1_agreement"] >= 0.75 and check["top5_overlap"] >= 0.7 and check["cosine_mean"] > 0.9, check
     out = assert_runtimes_agree(result.output, photos)
     assert "cat" in out["results"][0]["top"][0]["label"], out["results"][0]  # chelsea.png is a tabby cat
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fp32", "fp16", "dynamic", "int8", "int16x8"])
+def test_each_mode_full_size_b0(tmp_path, photos, mode):
+    """Full-size B0 (squeeze-excite + swish, 1000 classes) in every mode: static batch-1 graph, the
+    mode's tensor types, loads and runs in both runtimes."""
+    from edge_effnet.export.api import ExportOptions, export as run_export
+    from edge_effnet.variants import get_variant
+
+    result = run_export(ExportOptions(spec=get_variant("b0"), mode=mode, calib=str(photos),
+                                      output=str(tmp_path / f"b0-{mode}")), echo=lambda _: None)
+    manifest, rec = check_bundle(result, mode)
+    assert rec["input"]["shape"] == [1, 224, 224, 3] and rec["output"]["shape"] == [1, 1000]
+    assert {o["op"]: o["count"] for o in rec["ops"]}["MEAN"] == 17  # 16 squeeze-excite + the head's pool
+    types = rec["tensor_types"]
+    if mode == "int8":
+        assert (rec["input"]["dtype"], rec["input"]["scale"], rec["input"]["zero_point"]) == ("uint8", 1.0, 0)
+        assert rec["output"]["dtype"] == "uint8" and rec["float_activations"] == []
+        assert set(types) <= {"INT8", "UINT8", "INT32"}
+    elif mode == "int16x8":
+        assert "INT16" in types and len(rec["float_activations"]) == 2
+    elif mode == "fp16":
+        assert "FLOAT16" in types
+    elif mode == "dynamic":
+        assert "INT8" in types
+    else:
+        assert rec["selfcheck"]["top1_agreement"] == 1.0
+    assert any("random weights" in w for w in manifest["warnings"]) and manifest["labels"] is None
+    assert_runtimes_agree(result.output, photos, same_classes=mode in ("fp32", "fp16"))
+
+
+def test_readme_modes_table_matches_formats():
+    from edge_effnet.export.formats import markdown_table
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert markdown_table() in readme

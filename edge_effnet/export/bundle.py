@@ -30,6 +30,14 @@ SYNTHETIC_WARNING = ("calibrated on SYNTHETIC images: the accuracy of this model
 RANDOM_WEIGHTS_WARNING = ("random weights (--weights none): the model is untrained, its predictions "
                           "are meaningless; use --weights imagenet|PATH or --model FILE.keras")
 
+# Checked with `pip install --dry-run tflite-support` next to tensorflow 2.21: the last release
+# (0.4.4) pins protobuf 3.20 while TensorFlow 2.21 needs protobuf >= 6.31, so the metadata writer
+# cannot run in this stack. Apps read manifest.json + labels.txt instead (README: Android).
+TFLITE_METADATA = {"embedded": False,
+                   "reason": "tflite-support 0.4.4 (last release) needs protobuf 3.20; TensorFlow 2.21 needs "
+                             ">= 6.31: the metadata writer cannot run with this stack. Normalization is in the "
+                             "graph; labels are in labels.txt."}
+
 
 def default_output(name: str, mode: str) -> str:
     """The bundle folder when -o is not given: `<model>-<mode>` in the current folder."""
@@ -94,6 +102,7 @@ def build_manifest(*, name: str, spec: ModelSpec | None, source: str, weights: s
         "labels": LABELS if labels else None,
         "labels_source": labels_source,
         "preprocessing": preprocessing_record(spec, resolution),
+        "tflite_metadata": TFLITE_METADATA,
         "quantization": mode,
         "calibration": calibration,
         "check_images": check_images,

@@ -5,6 +5,7 @@ Conversion needs TensorFlow (imported inside the functions). Graphs are static, 
 """
 from __future__ import annotations
 
+import logging
 import warnings
 
 import numpy as np
@@ -72,12 +73,17 @@ def convert(model, mode: Mode, io: str = "float32", calibration: np.ndarray | No
         converter.representative_dataset = representative_images(calibration)
         if io != "float32":
             converter.inference_input_type = converter.inference_output_type = tf.as_dtype(io)
+    absl = logging.getLogger("absl")  # "consider providing the trackable_obj": frozen graphs need none
+    level = absl.level
+    absl.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), quiet_output((1, 2)):
             warnings.simplefilter("ignore")
             return converter.convert()
     except Exception as exc:
         raise UserError(f"TFLite conversion ({mode.name}) failed: {str(exc).strip().splitlines()[-1]}") from None
+    finally:
+        absl.setLevel(level)
 
 
 def inspect(path: str) -> dict:

@@ -1,0 +1,166 @@
+"""Export matrix: variant x mode x runtime -> size, single-core latency, export time, agreement.
+
+Each (variant, mode) is exported with `edge_effnet.export.api.export` (calibration: 100 real photo
+crops from skimage, edge_effnet.photoset; self-check: 20 of them), then every file is timed with
+edge_effnet.bench (1 thread, pinned to one core, 20 runs, interleaved) in ai-edge-litert (this
+venv) and in tflite-runtime 2.14 (the numpy<2 venv at $EDGE_EFFNET_LEGACY_PYTHON).
+Agreement = the export's self-check against the Keras float model (meaningful for lite0, which
+has its real ImageNet weights; b0 has random weights: timing only). Also times the README's
+`edge-effnet export --variant b1 --int8` with 100 calibration images as a user runs it.
+
+    python benchmarks/export_matrix.py [--variants lite0,b0] [--modes ...]   # takes /work/bench.lock to time
+
+Writes benchmarks/results/export_matrix.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+WEIGHTS = {"lite0": "imagenet"}  # the others: random (no offline ImageNet weights)
+LEGACY_BENCH = r'''
+import json, sys
+from edge_effnet.bench import BenchOptions, Target, benchmark
+paths = sys.argv[2:]
+record = benchmark([Target(name=p, backend="tflite-runtime", path=p) for p in paths],
+                   BenchOptions(runs=20, threads=1, cpu=int(sys.argv[1])))
+print(json.dumps(record))
+'''
+
+
+def time_files(paths: list[str], cpu: int) -> dict[str, dict]:
+    """{runtime: {path: bench entry}} for ai-edge-litert here and tflite-runtime 2.14 in its venv."""
+    from edge_effnet.bench import BenchOptions, Target, benchmark
+
+    out = {"ai-edge-litert": {e["path"]: e for e in benchmark(
+        [Target(name=p, backend="litert", path=p) for p in paths], BenchOptions(runs=20, threads=1, cpu=cpu))["models"]}}
+    legacy = os.environ.get("EDGE_EFFNET_LEGACY_PYTHON", "/work/venvs/legacy/bin/python")
+    if os.path.exists(legacy):
+        done = subprocess.run([legacy, "-c", LEGACY_BENCH, str(cpu), *paths], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": ROOT})
+        if done.returncode:
+            raise SystemExit(done.stderr)
+        out["tflite-runtime"] = {e["path"]: e for e in json.loads(done.stdout.strip().splitlines()[-1])["models"]}
+    return out
+
+
+@contextlib.contextmanager
+def bench_lock():
+    """flock on $EDGE_EFFNET_BENCH_LOCK (default /work/bench.lock, when that folder exists)."""
+    path = os.environ.get("EDGE_EFFNET_BENCH_LOCK", "/work/bench.lock")
+    if not os.path.isdir(os.path.dirname(path)):
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def cli_export_b1(folder: str, calib: str) -> dict:
+    """The README's main job with 100 calibration images, timed as a user runs it (a fresh process)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "edge_effnet", "export", "--variant", "b1", "--int8", "--calib", calib,
+                           "--num-calib", "100", "-o", os.path.join(folder, "b1-int8")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode:
+        raise SystemExit(done.stderr)
+    return {"command": "edge-effnet export --variant b1 --int8 --calib CROPS --num-calib 100",
+            "wall_s": round(wall, 1), "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)}
+
+
+def main():
+    from edge_effnet.bench import load_average, machine_info
+    from edge_effnet.export.api import ExportOptions, export
+    from edge_effnet.photoset import calibration_crops, render
+    from edge_effnet.variants import get_variant
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variants", default="lite0,b0")
+    parser.add_argument("--modes", default="fp32,fp16,dynamic,int8,int16x8")
+    parser.add_argument("--cpu", type=int, default=1)
+    args = parser.parse_args()
+    load_before = load_average()
+    rows, files = [], {}
+    with tempfile.TemporaryDirectory() as folder:
+        calib = os.path.join(folder, "crops.npy")
+        np.save(calib, render(calibration_crops(100), 256))
+        for variant in args.variants.split(","):
+            for mode in args.modes.split(","):
+                start = time.perf_counter()
+                result = export(ExportOptions(spec=get_variant(variant), weights=WEIGHTS.get(variant, "none"),
+                                              mode=mode, calib=calib, output=os.path.join(folder, f"{variant}-{mode}")),
+                                echo=lambda line: print(line, file=sys.stderr))
+                rec = result.manifest["files"][0]
+                check = rec["selfcheck"]
+                rows.append({"variant": variant, "weights": WEIGHTS.get(variant, "none (random)"), "mode": mode,
+                             "size_mb": round(rec["size_bytes"] / 1e6, 2), "io": rec["io"],
+                             "convert_s": rec["export_seconds"], "export_wall_s": round(time.perf_counter() - start, 1),
+                             "top1_agreement": check["top1_agreement"], "top5_overlap": check["top5_overlap"],
+                             "cosine_mean": round(check["cosine_mean"], 4), "check_images": check["images"],
+                             "min_runtime_version": rec["min_runtime_version"]})
+                files[(variant, mode)] = result.paths[0]
+        with bench_lock():  # timing runs never overlap other benchmarks (exports above need no lock)
+            timings = time_files(list(files.values()), args.cpu)
+            b1 = cli_export_b1(folder, calib)
+    for row in rows:
+        path = files[(row["variant"], row["mode"])]
+        for runtime, entries in timings.items():
+            row[f"{runtime}_ms"] = round(entries[path]["mean_ms"], 2)
+            row[f"{runtime}_version"] = entries[path]["backend_version"]
+    for variant in args.variants.split(","):
+        by_mode = {r["mode"]: r for r in rows if r["variant"] == variant}
+        if "fp32" in by_mode:
+            for r in by_mode.values():
+                for runtime in timings:
+                    r[f"{runtime}_speedup_vs_fp32"] = round(by_mode["fp32"][f"{runtime}_ms"] / r[f"{runtime}_ms"], 2)
+    record = {"machine": machine_info(), "load_avg_before": load_before, "load_avg_after": load_average(),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "timing": "1 thread, pinned to CPU "
+              f"{args.cpu}, 20 runs after 2 warm-ups, interleaved per runtime (edge_effnet.bench)",
+              "calibration": "100 real photo crops (edge_effnet.photoset), agreement on 20 of them",
+              "rows": rows, "b1_int8_cli_export": b1}
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "export_matrix.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    runtimes = list(timings)
+    head = ["variant", "mode", "io", "size MB", "convert s", "export s"] + [f"{r} ms" for r in runtimes] + \
+        [f"{r} x fp32" for r in runtimes] + ["top-1 agree", "top-5 overlap", "cosine"]
+    lines = ["# Export matrix (variant x mode x runtime)", "",
+             f"{record['machine'].get('cpu_model')}, {record['timing']}. Load average before {load_before}, "
+             f"after {record['load_avg_after']} (2 cores shared with other jobs: compare within a column).",
+             f"Runtimes: " + ", ".join(f"{r} {rows[0][r + '_version']}" for r in runtimes) + ". "
+             "Agreement: self-check vs the Keras float model on 20 real photo crops (lite0: real ImageNet "
+             "weights; b0: random weights, agreement not meaningful).", "",
+             "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        cells = [r["variant"], r["mode"], r["io"], r["size_mb"], r["convert_s"], r["export_wall_s"]]
+        cells += [r[f"{rt}_ms"] for rt in runtimes] + [r[f"{rt}_speedup_vs_fp32"] for rt in runtimes]
+        cells += [f"{r['top1_agreement']:.0%}", f"{r['top5_overlap']:.0%}", r["cosine_mean"]]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += ["", f"`{b1['command']}` (fresh process, as a user runs it): {b1['wall_s']} s wall, "
+                  f"{b1['cpu_s']} s CPU."]
+    with open(os.path.join(RESULTS, "export_matrix.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
