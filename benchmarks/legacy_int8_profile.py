@@ -5,7 +5,7 @@ and full-int8, and timed on one pinned core in both runtimes, each with its defa
 (XNNPACK) and without it (BUILTIN_WITHOUT_DEFAULT_DELEGATES). Whole B0 and Lite0 files are timed
 the same way. Writes benchmarks/results/legacy_int8_profile.{md,json}.
 
-    flock /work/bench.lock python benchmarks/legacy_int8_profile.py   # EDGE_EFFNET_LEGACY_PYTHON set
+    python benchmarks/legacy_int8_profile.py   # EDGE_EFFNET_LEGACY_PYTHON set; takes /work/bench.lock to time
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 RUNS = 20
 
@@ -113,12 +114,15 @@ def time_in(python: str, runtime: str, paths: list[str]) -> dict:
 def main():
     from edge_effnet.bench import load_average, machine_info
 
+    from export_matrix import bench_lock
+
     legacy = os.environ.get("EDGE_EFFNET_LEGACY_PYTHON", "/work/venvs/legacy/bin/python")
     with tempfile.TemporaryDirectory() as folder:
         files = export_all(folder)
         paths = [p for pair in files.values() for p in pair]
-        runtimes = {"ai-edge-litert": time_in(sys.executable, "litert", paths),
-                    "tflite-runtime": time_in(legacy, "tflite-runtime", paths)}
+        with bench_lock():  # only the timing waits for other benchmarks
+            runtimes = {"ai-edge-litert": time_in(sys.executable, "litert", paths),
+                        "tflite-runtime": time_in(legacy, "tflite-runtime", paths)}
     rows = []
     for name, (fp32, int8) in files.items():
         row = {"op": name}

@@ -58,8 +58,26 @@ def convert(model, mode: Mode, io: str = "float32", calibration: np.ndarray | No
     import_keras()
     import tensorflow as tf
 
+    absl = logging.getLogger("absl")  # "consider providing the trackable_obj": frozen graphs need none
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen_graph(model)])
+        _configure(tf, converter, mode, io, calibration)
+        with warnings.catch_warnings(), quiet_output((1, 2)):
+            warnings.simplefilter("ignore")
+            return converter.convert()
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"TFLite conversion ({mode.name}) failed: {str(exc).strip().splitlines()[-1]}") from None
+    finally:
+        absl.setLevel(level)
+
+
+def _configure(tf, converter, mode: Mode, io: str, calibration) -> None:
+    """Apply the mode's settings (formats.MODES data) to a TFLiteConverter."""
     settings = mode.settings["tflite"]
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen_graph(model)])
     converter.optimizations = [getattr(tf.lite.Optimize, o) for o in settings.get("optimizations", ())]
     if "supported_ops" in settings:
         converter.target_spec.supported_ops = [getattr(tf.lite.OpsSet, o) for o in settings["supported_ops"]]
@@ -73,17 +91,6 @@ def convert(model, mode: Mode, io: str = "float32", calibration: np.ndarray | No
         converter.representative_dataset = representative_images(calibration)
         if io != "float32":
             converter.inference_input_type = converter.inference_output_type = tf.as_dtype(io)
-    absl = logging.getLogger("absl")  # "consider providing the trackable_obj": frozen graphs need none
-    level = absl.level
-    absl.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), quiet_output((1, 2)):
-            warnings.simplefilter("ignore")
-            return converter.convert()
-    except Exception as exc:
-        raise UserError(f"TFLite conversion ({mode.name}) failed: {str(exc).strip().splitlines()[-1]}") from None
-    finally:
-        absl.setLevel(level)
 
 
 def inspect(path: str) -> dict:
