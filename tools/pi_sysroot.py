@@ -45,6 +45,8 @@ QEMU = "qemu-aarch64-static"
 # qemu's default ("max") has features no Pi has, and the runtimes would pick kernels for them.
 CPUS = ("cortex-a72", "cortex-a76", "cortex-a53")
 APT_HINT = "apt-get install debootstrap qemu-user-static"
+# debootstrap lives in /usr/sbin, which a non-login shell's PATH may lack
+SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
 
 # One site folder per interpreter; the two cannot share one (tflite-runtime 2.14 needs numpy < 2).
 # ai-edge-litert 1.4.0 is the newest release with a cp311 aarch64 wheel; tflite-runtime 2.14.0's
@@ -92,7 +94,7 @@ def _key(recipe) -> str:
 
 
 def check_host() -> None:
-    missing = [tool for tool in ("debootstrap", QEMU, "dpkg-deb") if not shutil.which(tool)]
+    missing = [tool for tool in ("debootstrap", QEMU, "dpkg-deb") if not shutil.which(tool, path=SEARCH_PATH)]
     if missing:
         raise SysrootError(f"{', '.join(missing)} not found: {APT_HINT}")
     if sys.version_info[:2] != (3, 11):
@@ -102,7 +104,8 @@ def check_host() -> None:
 
 def _run(cmd: list[str], what: str, log: str) -> None:
     with open(log, "ab") as out:
-        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                              env={**os.environ, "PATH": SEARCH_PATH})
     if done.returncode != 0:
         with open(log, errors="replace") as f:
             lines = [line.strip() for line in f if line.strip()]
@@ -202,7 +205,8 @@ class Sysroot:
                "PYTHONPATH": os.pathsep.join([*extra_paths, self.sites[arch, runtime]])}
         if arch == "x86_64":  # -S: without the host's site-packages (a venv's TensorFlow stays out)
             return [sys.executable, "-S", *argv], env
-        return [QEMU, "-cpu", cpu, "-L", self.root, os.path.join(self.root, PYTHON), *argv], env
+        qemu = shutil.which(QEMU, path=SEARCH_PATH) or QEMU
+        return [qemu, "-cpu", cpu, "-L", self.root, os.path.join(self.root, PYTHON), *argv], env
 
     def check(self, runtime: str, arch: str = "aarch64") -> dict:
         """Import numpy and the runtime there; return the versions found."""
