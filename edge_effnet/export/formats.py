@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from ..spec import IMAGENET_MEAN, IMAGENET_STD
+from ..spec import PREPROCESSING
 
 
 @dataclass(frozen=True)
@@ -89,12 +89,13 @@ IO_CHOICES = ("uint8", "int8", "int16", "float32")
 LAYOUTS = ("nhwc", "nchw")  # ONNX input layout (TFLite files are NHWC)
 
 # `export --model FILE.onnx`: what the ONNX model's input expects, as (mean, std) applied to
-# pixels / 255; edge_effnet writes it into the graph so the TFLite file takes raw pixels.
+# pixels / 255; edge_effnet writes it into the graph so the TFLite file takes raw pixels. imagenet
+# (torchvision, timm) and lite ((x - 127) / 128, EfficientNet-Lite) are the builder's own.
 NORMALIZATIONS = {
     "raw": ((0.0, 0.0, 0.0), (1 / 255,) * 3),        # 0..255 pixels, normalization inside (ours, keras.applications)
     "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),       # 0..1
-    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),         # torchvision, timm
-    "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),   # -1..1 (TF-slim, Inception, EfficientNet-Lite)
+    "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),   # -1..1 (TF-slim, Inception)
+    **{kind: (tuple(v / 255 for v in p["mean"]), tuple(v / 255 for v in p["std"])) for kind, p in PREPROCESSING.items()},
 }
 
 
