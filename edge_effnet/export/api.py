@@ -312,12 +312,13 @@ def summary(result: ExportResult) -> list[str]:
     lines = []
     for rec in result.manifest["files"]:
         check = rec["selfcheck"]
+        overlap = next(k for k in check if k.startswith("top") and k.endswith("_overlap"))  # top-k, k <= classes
         lines.append(f"wrote {os.path.join(result.output, rec['file'])}: {rec['size_bytes'] / 1e6:.2f} MB, "
                      f"input {rec['input']['dtype']} {rec['input']['shape']}, "
                      f"output {rec['output']['dtype']} {rec['output']['shape']}, "
                      f"converted in {rec['export_seconds']:.1f} s")
         lines.append(f"self-check ({check['runtime']} {check['runtime_version']}, {check['images']} images): "
-                     f"top-1 agreement {check['top1_agreement']:.1%}, top-5 overlap {check['top5_overlap']:.1%}, "
+                     f"top-1 agreement {check['top1_agreement']:.1%}, top-{overlap[3:-8]} overlap {check[overlap]:.1%}, "
                      f"cosine {check['cosine_mean']:.4f} (min {check['cosine_min']:.4f})")
         if rec.get("report", {}).get("summary"):
             lines.append(rec["report"]["summary"])
