@@ -25,7 +25,7 @@ import pytest
 
 from conftest import ROOT, photo_path, run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.emulated  # in the default run and CI (a few minutes)
 RUNTIMES = ("litert", "tflite-runtime")
 VERSIONS = {"litert": "1.4.0", "tflite-runtime": "2.14.0"}
 HEAVY = ("tensorflow", "keras", "tf_keras", "onnx", "onnxruntime", "torch", "jax")
