@@ -75,6 +75,7 @@ SEARCH = ["--family", "lite", "--grid-step", "0.4", "--tolerance", "0.05", "--ba
           "--batch-size", "16"]
 
 
+@pytest.mark.slow  # two trained candidates plus a kill: minutes even on a quiet machine
 def test_killed_search_resumes_without_retraining(tmp_path, digits_dir):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "edge_effnet", "search", "--data", str(digits_dir), *SEARCH, "-o", str(run)]
