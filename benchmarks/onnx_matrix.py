@@ -126,12 +126,13 @@ def main() -> None:
                     print(f"[{time.time() - started:6.0f} s] onnx2tf lite0 {mode}", file=sys.stderr)
                     out = os.path.join(work, f"lite0-torch-{mode}")
                     result = export(ExportOptions(model_path=onnx_path, mode=mode, formats=("tflite",),
-                                                  normalization="symmetric", calib=calib_dir, output=out),
+                                                  normalization="lite", calib=calib_dir, output=out),
                                     echo=lambda line: None)
                     files.append(("tflite", mode, result.paths[0], result.manifest["files"][0]["export_seconds"],
                                   "torch.onnx + onnx2tf"))
             print(f"[{time.time() - started:6.0f} s] agreement + timing {variant}", file=sys.stderr)
-            figures = [selfcheck(path, held_out, reference) for _, _, path, _, _ in files]
+            # as probabilities: the PyTorch model (onnx2tf rows) gives logits
+            figures = [selfcheck(path, held_out, reference, as_probabilities=True) for _, _, path, _, _ in files]
             with locked(args.lock):
                 timing = benchmark([Target(name=os.path.basename(p), backend="auto", path=p)
                                     for _, _, p, _, _ in files], BenchOptions(runs=runs, warmup=3, threads=1, cpu=0))
@@ -144,11 +145,18 @@ def main() -> None:
                     "top5_overlap": fig["top5_overlap"], "cosine_mean": round(fig["cosine_mean"], 5),
                     "max_abs_diff": fig["max_abs_diff"], "input": f"{fig['input']['dtype']} {fig['input']['shape']}",
                     "load_avg": timing["load_avg_before"]})
-    record["load_avg_end"] = load_average()
-    record["seconds"] = round(time.time() - started, 1)
+            write(record, started)  # after each model: a stopped run keeps what it measured
+    print(markdown(record))
+
+
+def write(record: dict, started: float) -> None:
     import onnxruntime
     import tensorflow
 
+    from edge_effnet.bench import load_average
+
+    record["load_avg_end"] = load_average()
+    record["seconds"] = round(time.time() - started, 1)
     record["versions"] = {"tensorflow": tensorflow.__version__, "onnxruntime": onnxruntime.__version__}
     for module in ("tf2onnx", "onnx2tf", "ai_edge_litert", "onnx"):
         mod = sys.modules.get(module)
@@ -158,7 +166,6 @@ def main() -> None:
         json.dump(record, f, indent=1)
     with open(os.path.join(RESULTS, "onnx_matrix.md"), "w") as f:
         f.write(markdown(record))
-    print(markdown(record))
 
 
 def markdown(record: dict) -> str:
