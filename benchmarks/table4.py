@@ -13,6 +13,7 @@ GPipe (556M parameters, a pipeline-parallel AmoebaNet) cannot be built here, so 
 on its own. B0-B7 are timed in TensorFlow (the paper's setting) in one interleaved run; TFLite
 float B0-B4 is timed too (B5-B7 only with --tflite-all: their conversions take minutes each).
 
+Conversions use the project's exporter (edge_effnet.export.tflite.convert, frozen graph, batch 1).
 Timing runs hold --lock (fcntl) so benchmarks on a shared machine never overlap; conversions
 do not. Outputs: benchmarks/results/table4.{md,json,png}.
 
@@ -108,21 +109,14 @@ def build(name: str):
 
 
 def to_tflite(model, path: str, int8: bool, resolution: int) -> None:
-    """float32, or full-integer int8 with uint8 input/output calibrated on real photos."""
-    import numpy as np
-    import tensorflow as tf
-
+    """The project's TFLite export converter (edge_effnet.export.tflite, as `edge-effnet export`):
+    float32, or full-integer int8 with uint8 input/output calibrated on real photos."""
+    from edge_effnet.export.formats import get_mode
+    from edge_effnet.export.tflite import convert
     from edge_effnet.fsutil import atomic_file
 
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    if int8:
-        calibration = photos(resolution).astype(np.float32)
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: ([x[None]] for x in calibration)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.uint8
-        converter.inference_output_type = tf.uint8
-    data = converter.convert()
+    data = convert(model, get_mode("int8"), "uint8", photos(resolution)) if int8 else \
+        convert(model, get_mode("fp32"))
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
 

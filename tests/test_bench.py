@@ -18,17 +18,16 @@ SMALL = dict(width=0.25, depth=0.25, resolution=64)  # a real EfficientNet, smal
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """A small EfficientNet as .keras and as a batch-1 float .tflite converted by tf.lite."""
-    from edge_effnet.models import create_model, import_keras
+    """A small EfficientNet as .keras and as a batch-1 float .tflite (the project's TFLite converter)."""
+    from edge_effnet.export.formats import get_mode
+    from edge_effnet.export.tflite import convert
+    from edge_effnet.models import create_model
     from edge_effnet.variants import from_scaling
-
-    import_keras()
-    import tensorflow as tf
 
     folder = tmp_path_factory.mktemp("tiny")
     model = create_model(from_scaling(**SMALL), batch_size=1, num_classes=10)
     model.save(folder / "tiny.keras")
-    (folder / "tiny.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    (folder / "tiny.tflite").write_bytes(convert(model, get_mode("fp32")))
     return {"tflite": str(folder / "tiny.tflite"), "keras": str(folder / "tiny.keras"),
             "params": model.count_params()}
 
