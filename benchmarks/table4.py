@@ -274,7 +274,8 @@ def plot(summary: dict, path: str) -> None:
     ax.plot([rp], [summary["pairs"][1]["resnet152_mean_ms"]], "D", mfc="none", color="tab:blue",
             label="ResNet-152, TFLite float32 (here)")
     int8 = summary["pairs"][2]
-    ax.plot([rp, table[1]["params"] / 1e6], [int8["resnet152_mean_ms"], int8["b1_mean_ms"]], "v", mfc="none", color="tab:green",
+    ax.plot([rp, table[1]["params"] / 1e6], [int8["resnet152_mean_ms"], int8["b1_mean_ms"]], "v", mfc="none",
+            color="tab:green",
             label="ResNet-152 and B1, TFLite int8 (here)")
     paper = [(PAPER[k]["params_m"], PAPER[k]["latency_s"] * 1e3, label) for k, label in
              (("b1", "B1"), ("b7", "B7"), ("resnet152", "ResNet-152"), ("gpipe", "GPipe"))]
