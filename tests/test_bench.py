@@ -126,6 +126,8 @@ def test_variant_names_files_and_bundle_folders_resolve_without_loading(tiny, tm
     assert targets[-1].path == str(bundle / "b1_int8.tflite")
     assert [t.name for t in resolve_targets([str(bundle)], "onnxruntime")] == ["b1.onnx"]
     (bundle / "b1_int8.tflite").unlink()
+    assert [t.name for t in resolve_targets([str(bundle)])] == ["b1.onnx"]  # no .tflite: the .onnx
+    (bundle / "b1.onnx").unlink()
     with pytest.raises(UserError, match="no model files"):
         resolve_targets([str(bundle)])
 
