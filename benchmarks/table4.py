@@ -13,6 +13,7 @@ GPipe (556M parameters, a pipeline-parallel AmoebaNet) cannot be built here, so 
 on its own. B0-B7 are timed in TensorFlow (the paper's setting) in one interleaved run; TFLite
 float B0-B4 is timed too (B5-B7 only with --tflite-all: their conversions take minutes each).
 
+Conversions use the project's exporter (edge_effnet.export.tflite.convert, frozen graph, batch 1).
 Timing runs hold --lock (fcntl) so benchmarks on a shared machine never overlap; conversions
 do not. Outputs: benchmarks/results/table4.{md,json,png}.
 
@@ -108,21 +109,14 @@ def build(name: str):
 
 
 def to_tflite(model, path: str, int8: bool, resolution: int) -> None:
-    """float32, or full-integer int8 with uint8 input/output calibrated on real photos."""
-    import numpy as np
-    import tensorflow as tf
-
+    """The project's TFLite export converter (edge_effnet.export.tflite, as `edge-effnet export`):
+    float32, or full-integer int8 with uint8 input/output calibrated on real photos."""
+    from edge_effnet.export.formats import get_mode
+    from edge_effnet.export.tflite import convert
     from edge_effnet.fsutil import atomic_file
 
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    if int8:
-        calibration = photos(resolution).astype(np.float32)
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: ([x[None]] for x in calibration)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.uint8
-        converter.inference_output_type = tf.uint8
-    data = converter.convert()
+    data = convert(model, get_mode("int8"), "uint8", photos(resolution)) if int8 else \
+        convert(model, get_mode("fp32"))
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
 
@@ -223,9 +217,10 @@ def by_name(record: dict) -> dict:
 def summarize(facts: dict, records: dict) -> dict:
     tf_pair, lite = by_name(records["pair_tensorflow"]), by_name(records["pair_tflite"])
     rows = []
-    for runtime, resnet, b1 in (("TensorFlow (Keras 3, tf.function)", tf_pair["resnet152.keras"], tf_pair["b1"]),
-                                ("TFLite float32 (ai-edge-litert)", lite["resnet152_fp32.tflite"], lite["b1_fp32.tflite"]),
-                                ("TFLite int8 (ai-edge-litert)", lite["resnet152_int8.tflite"], lite["b1_int8.tflite"])):
+    for runtime, resnet, b1 in (
+            ("TensorFlow (Keras 3, tf.function)", tf_pair["resnet152.keras"], tf_pair["b1"]),
+            ("TFLite float32 (ai-edge-litert)", lite["resnet152_fp32.tflite"], lite["b1_fp32.tflite"]),
+            ("TFLite int8 (ai-edge-litert)", lite["resnet152_int8.tflite"], lite["b1_int8.tflite"])):
         rows.append({"runtime": runtime, "resnet152_mean_ms": resnet["mean_ms"], "resnet152_std_ms": resnet["std_ms"],
                      "b1_mean_ms": b1["mean_ms"], "b1_std_ms": b1["std_ms"],
                      "resnet152_over_b1": resnet["mean_ms"] / b1["mean_ms"],
@@ -243,7 +238,8 @@ def summarize(facts: dict, records: dict) -> dict:
         row["tflite_fp32_mean_ms"] = lt["mean_ms"] if lt else None
         table.append(row)
     b7, b1 = tf_all["b7"], tf_all["b1"]
-    b7_summary = {"tf_mean_ms": b7["mean_ms"], "tf_std_ms": b7["std_ms"], "paper_latency_ms": PAPER["b7"]["latency_s"] * 1e3,
+    b7_summary = {"tf_mean_ms": b7["mean_ms"], "tf_std_ms": b7["std_ms"],
+                  "paper_latency_ms": PAPER["b7"]["latency_s"] * 1e3,
                   "b7_over_b1_measured": b7["mean_ms"] / b1["mean_ms"],
                   "b7_over_b1_paper": PAPER["b7"]["latency_s"] / PAPER["b1"]["latency_s"],
                   "gpipe": "GPipe (AmoebaNet-B, 556M parameters, trained pipeline-parallel) has no public "
@@ -265,7 +261,8 @@ def plot(summary: dict, path: str) -> None:
     table = summary["b0_b7"]
     fig, ax = plt.subplots(figsize=(7.5, 5.2))
     params = [r["params"] / 1e6 for r in table]
-    ax.plot(params, [r["tf_mean_ms"] for r in table], "o-", color="tab:red", label="EfficientNet B0-B7, TensorFlow (here)")
+    ax.plot(params, [r["tf_mean_ms"] for r in table], "o-", color="tab:red",
+            label="EfficientNet B0-B7, TensorFlow (here)")
     for r, p in zip(table, params):
         ax.annotate(r["variant"].upper(), (p, r["tf_mean_ms"]), textcoords="offset points", xytext=(5, -10), fontsize=8)
     lite = [(p, r["tflite_fp32_mean_ms"]) for r, p in zip(table, params) if r["tflite_fp32_mean_ms"]]
@@ -276,8 +273,10 @@ def plot(summary: dict, path: str) -> None:
     ax.plot([rp], [tf_pair["resnet152_mean_ms"]], "D", color="tab:blue", label="ResNet-152, TensorFlow (here)")
     ax.plot([rp], [summary["pairs"][1]["resnet152_mean_ms"]], "D", mfc="none", color="tab:blue",
             label="ResNet-152, TFLite float32 (here)")
-    ax.plot([rp, table[1]["params"] / 1e6], [summary["pairs"][2]["resnet152_mean_ms"], summary["pairs"][2]["b1_mean_ms"]],
-            "v", mfc="none", color="tab:green", label="ResNet-152 and B1, TFLite int8 (here)")
+    int8 = summary["pairs"][2]
+    ax.plot([rp, table[1]["params"] / 1e6], [int8["resnet152_mean_ms"], int8["b1_mean_ms"]], "v", mfc="none",
+            color="tab:green",
+            label="ResNet-152 and B1, TFLite int8 (here)")
     paper = [(PAPER[k]["params_m"], PAPER[k]["latency_s"] * 1e3, label) for k, label in
              (("b1", "B1"), ("b7", "B7"), ("resnet152", "ResNet-152"), ("gpipe", "GPipe"))]
     ax.plot([p[0] for p in paper], [p[1] for p in paper], "x", color="gray", ms=9, label="paper Table 4 (Xeon E5-2690)")
@@ -306,8 +305,8 @@ def markdown(result: dict) -> str:
            f"Paper setting: {PAPER['setting']}. ResNet-152 here: keras.applications, random weights "
            f"({s['resnet152']['params']:,} params, {s['resnet152']['macs'] / 1e9:.2f}B MACs; paper 60M, 11B); "
            "EfficientNets from edge_effnet's builder (random weights: latency does not depend on them). "
-           f"int8 = full-integer quantization, uint8 input/output, calibrated on {result['settings']['calibration_images']} "
-           "scikit-image photos (9 photos and their mirror images).", "",
+           "int8 = full-integer quantization, uint8 input/output, calibrated on "
+           f"{result['settings']['calibration_images']} scikit-image photos (9 photos and their mirror images).", "",
            "## ResNet-152 vs EfficientNet-B1", "",
            "| runtime | ResNet-152 mean ms (std) | B1 mean ms (std) | ResNet-152 / B1 measured | paper |",
            "|---|---|---|---|---|"]

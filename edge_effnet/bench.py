@@ -75,7 +75,9 @@ class Target:
 
 
 def _expand_folders(items: list[str], backend: str) -> list[str]:
-    """A folder (an export bundle) stands for the model files in it that `backend` can run."""
+    """A folder (an export bundle) stands for its model files of one type: those `backend` runs,
+    or with auto its .tflite files (else .onnx, else .keras), so a device with only the
+    runtime extra never meets a file it cannot open."""
     from .backends import BACKEND_TABLE
 
     exts = MODEL_EXTENSIONS if backend == "auto" else (BACKEND_TABLE.get(backend, ("",))[0],)
@@ -84,8 +86,9 @@ def _expand_folders(items: list[str], backend: str) -> list[str]:
         if not os.path.isdir(item):
             out.append(item)
             continue
-        found = sorted(os.path.join(item, f) for f in os.listdir(item)
-                       if os.path.splitext(f)[1].lower() in exts and os.path.isfile(os.path.join(item, f)))
+        files = sorted(f for f in os.listdir(item) if os.path.isfile(os.path.join(item, f)))
+        found = next(([os.path.join(item, f) for f in files if f.lower().endswith(ext)] for ext in exts
+                      if any(f.lower().endswith(ext) for f in files)), None)
         if not found:
             raise UserError(f"no model files ({', '.join(exts)}) in folder {item}")
         out += found
@@ -368,8 +371,10 @@ def write_csv(record: dict, path: str) -> None:
         for e in record["models"]:
             row = {k: e.get(k) for k in CSV_FIELDS}
             row.update(cpu_model=record["machine"]["cpu_model"], peak_rss_mb=record["peak_rss_mb"],
-                       date=record["date"], affinity_cpus=" ".join(map(str, record["settings"]["affinity_cpus"] or [])),
-                       input_shape="x".join(map(str, e["input_shape"])), runs_ms=" ".join(f"{t:.4f}" for t in e["runs_ms"]))
+                       date=record["date"],
+                       affinity_cpus=" ".join(map(str, record["settings"]["affinity_cpus"] or [])),
+                       input_shape="x".join(map(str, e["input_shape"])),
+                       runs_ms=" ".join(f"{t:.4f}" for t in e["runs_ms"]))
             writer.writerow(row)
 
 

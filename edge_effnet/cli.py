@@ -153,8 +153,8 @@ def edgetpu_check(file, strict, json_out, force):
 @main.command()
 @click.argument("models", nargs=-1, metavar="MODEL_OR_VARIANT...")
 @click.option("--variant", "variant_names", multiple=True,
-              help="A variant to build (batch 1) and time in TensorFlow, as the paper did; repeatable. "
-                   "Timed after the positional models.")
+              help="A variant to build (batch 1) and time in TensorFlow (the paper's setting: batch 1, "
+                   "one core); repeatable. Timed after the positional models.")
 @click.option("--runs", type=int, default=BenchOptions.runs, show_default=True,
               help="Timed runs per model (exactly this many).")
 @click.option("--warmup", type=int, default=BenchOptions.warmup, show_default=True,

@@ -18,17 +18,16 @@ SMALL = dict(width=0.25, depth=0.25, resolution=64)  # a real EfficientNet, smal
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """A small EfficientNet as .keras and as a batch-1 float .tflite converted by tf.lite."""
-    from edge_effnet.models import create_model, import_keras
+    """A small EfficientNet as .keras and as a batch-1 float .tflite (the project's TFLite converter)."""
+    from edge_effnet.export.formats import get_mode
+    from edge_effnet.export.tflite import convert
+    from edge_effnet.models import create_model
     from edge_effnet.variants import from_scaling
-
-    import_keras()
-    import tensorflow as tf
 
     folder = tmp_path_factory.mktemp("tiny")
     model = create_model(from_scaling(**SMALL), batch_size=1, num_classes=10)
     model.save(folder / "tiny.keras")
-    (folder / "tiny.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    (folder / "tiny.tflite").write_bytes(convert(model, get_mode("fp32")))
     return {"tflite": str(folder / "tiny.tflite"), "keras": str(folder / "tiny.keras"),
             "params": model.count_params()}
 
@@ -103,8 +102,9 @@ def test_keras_file_runs_in_tensorflow_with_the_threads_asked_for(tiny):
             "from edge_effnet.bench import BenchOptions, benchmark, resolve_targets\n"
             f"r = benchmark(resolve_targets([{tiny['keras']!r}]), BenchOptions(runs=3, warmup=0))\n"
             "m = r['models'][0]\n"
-            "print(json.dumps([m['backend'], m['runs'], m['params'], tf.config.threading.get_intra_op_parallelism_threads(),"
-            " tf.config.threading.get_inter_op_parallelism_threads()]))")
+            "t = tf.config.threading\n"
+            "print(json.dumps([m['backend'], m['runs'], m['params'], t.get_intra_op_parallelism_threads(),"
+            " t.get_inter_op_parallelism_threads()]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=600)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == ["keras", 3, tiny["params"], 1, 1]
@@ -118,12 +118,16 @@ def test_variant_names_files_and_bundle_folders_resolve_without_loading(tiny, tm
     bundle.mkdir()
     shutil.copy(tiny["tflite"], bundle / "b1_int8.tflite")
     (bundle / "manifest.json").write_text("{}")
+    (bundle / "b1.onnx").write_text("not opened: a folder stands for its .tflite files")
     targets = resolve_targets([tiny["tflite"], "b1", "efficientnet-b7", tiny["tflite"], str(bundle)])
     assert [(t.name, t.backend, t.variant) for t in targets] == [
         ("tiny.tflite#1", "litert", None), ("b1", "keras", "b1"), ("b7", "keras", "b7"),
         ("tiny.tflite#2", "litert", None), ("b1_int8.tflite", "litert", None)]
     assert targets[-1].path == str(bundle / "b1_int8.tflite")
+    assert [t.name for t in resolve_targets([str(bundle)], "onnxruntime")] == ["b1.onnx"]
     (bundle / "b1_int8.tflite").unlink()
+    assert [t.name for t in resolve_targets([str(bundle)])] == ["b1.onnx"]  # no .tflite: the .onnx
+    (bundle / "b1.onnx").unlink()
     with pytest.raises(UserError, match="no model files"):
         resolve_targets([str(bundle)])
 
@@ -163,8 +167,9 @@ def test_bad_input_is_one_line_exit_2(tiny, tmp_path, case, message):
 
 
 def test_timing_a_tflite_imports_no_tensorflow(tiny, tmp_path):
+    argv = ["edge-effnet", "bench", tiny["tflite"], "--runs", "2", "--json", str(tmp_path / "o.json")]
     code = ("import sys, json\nfrom edge_effnet.cli import main\n"
-            f"sys.argv = ['edge-effnet', 'bench', {tiny['tflite']!r}, '--runs', '2', '--json', {str(tmp_path / 'o.json')!r}]\n"
+            f"sys.argv = {argv!r}\n"
             "try:\n    main()\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
             "print(json.dumps(sorted(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=300)
