@@ -320,6 +320,8 @@ def summary(result: ExportResult) -> list[str]:
         lines.append(f"self-check ({check['runtime']} {check['runtime_version']}, {check['images']} images): "
                      f"top-1 agreement {check['top1_agreement']:.1%}, top-{overlap[3:-8]} overlap {check[overlap]:.1%}, "
                      f"cosine {check['cosine_mean']:.4f} (min {check['cosine_min']:.4f})")
+        if check.get("top1_note"):
+            lines.append(check["top1_note"])
         if rec.get("report", {}).get("summary"):
             lines.append(rec["report"]["summary"])
     lines.append(f"bundle: {result.output}/ (manifest.json" + (", labels.txt" if result.manifest["labels"] else "")

@@ -40,6 +40,15 @@ def agreement(reference: np.ndarray, scores: np.ndarray, k: int = 5) -> dict:
     return figures
 
 
+def resolvable(reference: np.ndarray, step: float) -> float:
+    """Fraction of images whose reference top-1 leads the runner-up by more than `step`, the
+    output's quantization step (0 for float outputs): only there can a file's top-1 agree."""
+    top2 = -np.sort(-np.asarray(reference, np.float64), axis=1)[:, :2]
+    if top2.shape[1] < 2:
+        return 1.0
+    return float(np.mean(top2[:, 0] - top2[:, 1] > step))
+
+
 def run_file(path: str, images: np.ndarray, backend: str = "auto", num_threads: int = 1):
     """Scores of an exported file on raw pixels, and the runner (for its input/output details)."""
     from ..models import quiet_output
@@ -76,6 +85,13 @@ def selfcheck(path: str, images: np.ndarray, reference: np.ndarray, backend: str
     figures = agreement(reference, scores)
     figures.update(runtime=runner.backend, runtime_version=runner.version, input=runner.inputs[0],
                    output=runner.outputs[0])
+    step = 0.0 if as_probabilities else (runner.outputs[0].get("scale") or 0.0)
+    figures["top1_resolvable"] = resolvable(reference, step)
+    if figures["top1_resolvable"] < 0.5:
+        figures["top1_note"] = (
+            f"top-1 agreement is not informative: on {1 - figures['top1_resolvable']:.0%} of the images the "
+            f"reference's top-1 leads its runner-up by less than the output's step ({step:.4f}), so the "
+            "classes tie in the file (near-uniform scores: random weights?)")
     if min_cosine is not None and figures["cosine_mean"] < min_cosine:
         raise CheckFailed(f"self-check: {path} disagrees with {against} (mean cosine "
                           f"{figures['cosine_mean']:.4f} < {min_cosine}); the conversion is broken")
