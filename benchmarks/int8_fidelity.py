@@ -6,8 +6,9 @@ kept apart from the calibration crops): random squares of 35-100% of a photo's s
 other one mirrored.
 
 - ours: `edge-effnet export --variant lite0 --weights imagenet --int8` (weights imported into our
-  Keras builder, TFLite converter, bias correction of the int8 weights), and the fp32 export;
-  plus our int8 without bias correction, to show what the correction does.
+  Keras builder, GPTQ rounding and bias correction of the int8 weights, TFLite converter), and
+  the fp32 export; plus our int8 with bias correction only and with no weight correction, to show
+  what each step does.
 - peer: the same weights as a PyTorch model (efficientnet-lite-pytorch), torch.onnx.export
   (opset 17), onnx2tf full-int8 with its default per-channel quantization, run offline through
   edge_effnet.export.onnx2tflite (which feeds onnx2tf our calibration images), and its fp32 file.
@@ -40,15 +41,16 @@ from edge_effnet.data import load_image  # noqa: E402
 from edge_effnet.evaluate import agreement  # noqa: E402
 
 CATS = range(281, 286)
+OURS_VARIANTS = {"bias": "ours int8, bias correction only", "none": "ours int8, no weight correction"}
 
 
-def export_ours(workdir: str, calib_npy: str, mode: str, bias_correction: bool = True) -> str:
+def export_ours(workdir: str, calib_npy: str, mode: str, correction: str = "gptq") -> str:
     from edge_effnet.export.api import ExportOptions, export
     from edge_effnet.variants import get_variant
 
-    out = os.path.join(workdir, f"ours-{mode}{'' if bias_correction else '-plain'}")
+    out = os.path.join(workdir, f"ours-{mode}-{correction}")
     options = ExportOptions(spec=get_variant("lite0"), weights="imagenet", mode=mode, calib=calib_npy,
-                            num_calib=100, formats=("tflite",), output=out, bias_correction=bias_correction)
+                            num_calib=100, formats=("tflite",), output=out, weight_correction=correction)
     result = export(options, echo=lambda line: None)
     return result.paths[0]
 
@@ -162,7 +164,8 @@ def main(argv=None) -> int:
         files = {"ours fp32": export_ours(work, calib_npy, "fp32")}
         files["ours int8"] = export_ours(work, calib_npy, "int8")
         ours_seconds = time.perf_counter() - t
-        files["ours int8, no bias correction"] = export_ours(work, calib_npy, "int8", bias_correction=False)
+        for correction in ("bias", "none"):
+            files[OURS_VARIANTS[correction]] = export_ours(work, calib_npy, "int8", correction)
         peer_files, peer_seconds = export_peer(work, calib)
         files["peer fp32"], files["peer int8"] = peer_files["fp32"], peer_files["int8"]
         chelsea = load_image(os.path.join(photoset.photo_dir(), "chelsea.png"), 224)[None]
@@ -173,7 +176,7 @@ def main(argv=None) -> int:
             results[set_name] = {
                 "crops": len(images),
                 "ours int8": agreement(p["ours int8"], p["ours fp32"]),
-                "ours int8, no bias correction": agreement(p["ours int8, no bias correction"], p["ours fp32"]),
+                **{name: agreement(p[name], p["ours fp32"]) for name in OURS_VARIANTS.values()},
                 "peer int8": agreement(p["peer int8"], p["peer fp32"]),
                 "peer fp32 vs ours fp32": agreement(p["peer fp32"], p["ours fp32"]),
             }
@@ -221,7 +224,7 @@ def write_markdown(r: dict, path: str) -> None:
     for set_name, res in r["agreement"].items():
         photos = r["evaluation"]["photos"] if set_name == "photos" else r["evaluation"]["harder_photos"]
         lines += [f"## {res['crops']} crops of {set_name}: {', '.join(photos)}", ""]
-        lines += table([(name, res[name]) for name in ("ours int8", "ours int8, no bias correction", "peer int8")])
+        lines += table([(name, res[name]) for name in ("ours int8", *OURS_VARIANTS.values(), "peer int8")])
         same = res["peer fp32 vs ours fp32"]
         lines += ["", f"Float files, peer vs ours: top-1 agreement {same['top1_agreement']:.1%}, "
                       f"mean KL {same['mean_kl']:.2g} (same weights, same function).", ""]

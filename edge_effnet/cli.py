@@ -271,6 +271,7 @@ def export_options(f):
     """Every `edge-effnet export` option but the model ones; mode flags come from the formats table."""
     from .export.api import NUM_CALIB, ExportOptions
     from .export.formats import DEFAULT_FORMATS, FORMATS, IO_CHOICES, LAYOUTS, MODES, NORMALIZATIONS
+    from .quantize import CORRECTIONS
 
     opts = [click.option("--model", "model_path", type=click.Path(dir_okay=False),
                          help="Export this .keras file instead of building --variant/--phi/--width; "
@@ -293,8 +294,9 @@ def export_options(f):
                           "Without it: synthetic images, accuracy unknown."),
         click.option("--num-calib", type=click.IntRange(min=1), default=NUM_CALIB, show_default=True,
                      help="How many calibration images to use."),
-        click.option("--no-bias-correction", "bias_correction", is_flag=True, default=True, flag_value=False,
-                     help="int8 weights: skip the bias correction (see edge_effnet.quantize)."),
+        click.option("--weight-correction", type=click.Choice(tuple(CORRECTIONS)), default="gptq", show_default=True,
+                     help="int8 weights (TFLite, real calibration images): GPTQ rounding + bias correction, "
+                          "bias correction only, or none (see edge_effnet.quantize)."),
         click.option("--labels", type=click.Path(dir_okay=False),
                      help="Class names, one per line -> labels.txt (ImageNet models get ImageNet's)."),
         click.option("-o", "--output", metavar="OUTDIR", help="Bundle folder (default: <model>-<mode>)."),

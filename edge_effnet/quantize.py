@@ -1,32 +1,115 @@
-"""Make a float Keras model quantize better: bias correction for int8 weights.
+"""Make a float Keras model quantize better: int8 weight rounding (GPTQ) and bias correction.
 
 Full-integer TFLite stores each conv / depthwise / dense kernel as int8 with one scale per output
-channel (BatchNorm folded in first): scale = max|w| / 127. The rounding error of those weights
-shifts the mean of every output channel (Nagel et al. 2019, "Data-Free Quantization Through
-Weight Equalization and Bias Correction"), and the shifts add up layer after layer. On real
-photos this is what makes int8 EfficientNet-Lite change its top-1 class on ambiguous images.
+channel (BatchNorm folded in first): scale = max|w| / 127, every weight rounded to the nearest
+step. Two things make the int8 file follow the float model more closely, both computed here on
+the calibration images and written back into a float copy of the model, which then converts with
+any TFLite mode:
 
-`correct_bias(model, images)` measures, layer by layer in graph order, the mean of each output
-channel in the float model and in a copy whose kernels are rounded the way the converter will round
-them (with the corrections made so far), and moves the layer's bias (the BatchNorm beta, or the
-Dense bias) by the difference. The returned model is still float, computes almost the same
-function (the shifts are tiny), and converts with any TFLite mode; the int8 file then follows the
-float model more closely. Calibration images are needed anyway for int8.
+- GPTQ rounding (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+  Pre-trained Transformers"): per layer, the kernel's columns are rounded one at a time (largest
+  input energy first) and the rounding error of each is pushed onto the columns not yet rounded,
+  weighted by the inverse of the input Gram matrix H = E[x x^T] (x: the kernel's input patches),
+  so the layer's output on real inputs moves less than with nearest rounding. The copy's kernels
+  are already on the converter's int8 grid (each channel keeps a weight at +-127 steps, so the
+  converter computes the same scale and rounds nothing).
+- Bias correction (Nagel et al. 2019, "Data-Free Quantization Through Weight Equalization and
+  Bias Correction"): what is left of the rounding error still shifts each output channel's mean
+  by E[x] . (w_int8 - w); the BatchNorm beta (or the layer's own bias) is moved by minus that.
+
+Both need only one forward pass of the float model over the calibration images (the input means
+and H of every kernel); the copy computes almost the same function as the float model.
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
-WEIGHT_LEVELS = 127  # symmetric int8 weights: [-127, 127] * scale
+LEVELS = 127  # symmetric int8 weights: [-127, 127] * scale
+# name -> what export does to int8 weights before converting (--weight-correction)
+CORRECTIONS = {
+    "gptq": "GPTQ rounding of the int8 weights, then bias correction",
+    "bias": "nearest rounding (as the converter), with bias correction",
+    "none": "the converter's own nearest rounding, nothing else",
+}
+GPTQ_DAMPING = 0.01   # added to H's diagonal, times its mean: H from a few images can be singular
+HESSIAN_ROWS = 4096   # input patches per image sampled for H (the means use every position)
 
 
-def _fake_quantize(w: np.ndarray, channel_axis: int) -> np.ndarray:
-    axes = tuple(a for a in range(w.ndim) if a != channel_axis % w.ndim)
-    scale = np.abs(w).max(axis=axes, keepdims=True) / WEIGHT_LEVELS
-    scale = np.where(scale == 0, 1.0, scale)
-    return np.round(w / scale) * scale
+def int8_targets(model) -> list[tuple]:
+    """(kernel layer, BatchNorm layer or None), graph order: conv -> BN, convs with a bias, Dense."""
+    import keras
+
+    pairs = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Dense):
+            pairs.append((layer, None))
+        elif isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+            nodes = layer._outbound_nodes
+            bn = nodes[0].operation if len(nodes) == 1 else None
+            if not layer.use_bias and isinstance(bn, keras.layers.BatchNormalization):
+                pairs.append((layer, bn))
+            elif layer.use_bias:
+                pairs.append((layer, None))
+    return pairs
+
+
+def _taps(x: np.ndarray, layer) -> list[np.ndarray]:
+    """What each kernel tap reads from input x (B, H, W, C): (B, Ho, Wo, C) arrays, in the kernel's
+    (kh, kw) order. Dense: one tap."""
+    if x.ndim == 2:
+        return [x[:, None, None, :]]
+    kh, kw = layer.kernel_size
+    s = layer.strides[0]
+    if layer.padding == "same":  # the builder pads stride-2 layers itself and uses "valid" there
+        if s != 1:
+            raise ValueError(f"{layer.name}: 'same' padding with stride {s} is not supported")
+        x = np.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))
+    ho, wo = (x.shape[1] - kh) // s + 1, (x.shape[2] - kw) // s + 1
+    return [x[:, dy:dy + s * (ho - 1) + 1:s, dx:dx + s * (wo - 1) + 1:s, :] for dy in range(kh) for dx in range(kw)]
+
+
+def _depthwise(layer) -> bool:
+    import keras
+
+    return isinstance(layer, keras.layers.DepthwiseConv2D)
+
+
+def layer_statistics(model, targets, images: np.ndarray, hessians: bool = True, batch: int = 5,
+                     progress_label: str | None = None, seed: int = 0):
+    """Per target, over the images, in the float model: the mean input patch (K, C) and, with
+    `hessians`, H = E[x x^T] of its input patches ((1, K*C, K*C), or (C, K, K) per depthwise channel)."""
+    import contextlib
+
+    import keras
+
+    from .data import progress
+
+    probe = keras.Model(model.inputs, [layer.input for layer, _ in targets])
+    rng = np.random.default_rng(seed)
+    means, grams = [0.0] * len(targets), [0.0] * len(targets)
+    starts = range(0, len(images), batch)
+    with progress(starts, progress_label) if progress_label else contextlib.nullcontext(starts) as starts:
+        for i in starts:
+            chunk = images[i:i + batch].astype(np.float32)
+            outs = probe(chunk, training=False)
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]
+            for j, ((layer, _), x) in enumerate(zip(targets, outs)):
+                taps = _taps(np.asarray(x, np.float32), layer)
+                means[j] = means[j] + np.stack([t.mean(axis=(1, 2)).sum(0) for t in taps]).astype(np.float64)
+                if not hessians:
+                    continue
+                patches = np.stack(taps, axis=3).reshape(-1, len(taps), taps[0].shape[-1])  # (n, K, C)
+                per_image = len(patches) // len(chunk)
+                if per_image > HESSIAN_ROWS:
+                    patches = patches[rng.choice(len(patches), HESSIAN_ROWS * len(chunk), replace=False)]
+                if _depthwise(layer):
+                    gram = np.einsum("nkc,nlc->ckl", patches, patches)
+                else:
+                    flat = patches.reshape(len(patches), -1)
+                    gram = (flat.T @ flat)[None]
+                grams[j] = grams[j] + gram.astype(np.float64) * (len(chunk) / len(patches))
+    n = len(images)
+    return [m / n for m in means], [g / n if hessians else None for g in grams]
 
 
 def _bn_factor(bn) -> np.ndarray:
@@ -34,81 +117,101 @@ def _bn_factor(bn) -> np.ndarray:
     return gamma / np.sqrt(var + bn.epsilon)
 
 
-def correctable_layers(model) -> list[tuple]:
-    """(kernel layer, BatchNorm layer or None) pairs, in graph order: conv -> BN, or Dense."""
-    import keras
-
-    pairs = []
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.Dense):
-            pairs.append((layer, None))
-            continue
-        if not isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)) or layer.use_bias:
-            continue
-        nodes = layer._outbound_nodes
-        bn = nodes[0].operation if len(nodes) == 1 else None
-        if isinstance(bn, keras.layers.BatchNormalization):
-            pairs.append((layer, bn))
-    return pairs
-
-
-def _quantized_kernel(layer, bn) -> np.ndarray:
-    """The kernel as the converter will store it, expressed in the unfolded layer."""
-    import keras
-
+def folded_rows(layer, bn) -> np.ndarray:
+    """The kernel as the converter stores it (BatchNorm folded in), as (G, R, K) rows: one row per
+    output channel (its own int8 scale), K inputs; G groups with their own H (depthwise: channels)."""
     kernel = layer.get_weights()[0]
-    if bn is None:  # Dense: (in, out), one scale per output
-        return _fake_quantize(kernel, -1)
-    f = _bn_factor(bn)
-    if isinstance(layer, keras.layers.DepthwiseConv2D):  # (kh, kw, channels, 1)
-        folded = kernel * f[None, None, :, None]
-        return _fake_quantize(folded, 2) / f[None, None, :, None]
-    folded = kernel * f  # Conv2D (kh, kw, in, out)
-    return _fake_quantize(folded, -1) / np.where(f == 0, 1.0, f)
+    if _depthwise(layer):  # (kh, kw, C, 1)
+        rows = kernel[..., 0].reshape(-1, kernel.shape[2]).T[:, None, :]
+    else:  # Conv2D (kh, kw, in, out) or Dense (in, out)
+        rows = kernel.reshape(-1, kernel.shape[-1]).T[None]
+    factor = 1.0 if bn is None else _bn_factor(bn).reshape(rows.shape[:2] + (1,))
+    return (rows * factor).astype(np.float64)
 
 
-def _channel_means(model, outputs, images: np.ndarray, batch: int = 25) -> list[np.ndarray]:
-    import keras
-
-    probe = keras.Model(model.inputs, outputs)
-    sums = None
-    for i in range(0, len(images), batch):
-        got = probe(images[i:i + batch].astype(np.float32), training=False)
-        got = got if isinstance(got, (list, tuple)) else [got]
-        s = [np.asarray(g, np.float64).reshape(-1, g.shape[-1]).sum(0) / (np.prod(g.shape[1:-1]) or 1) for g in got]
-        sums = s if sums is None else [a + b for a, b in zip(sums, s)]
-    return [s / len(images) for s in sums]
+def _unfolded_kernel(layer, bn, rows: np.ndarray) -> np.ndarray:
+    kernel = layer.get_weights()[0]
+    if bn is not None:
+        f = _bn_factor(bn).reshape(rows.shape[:2] + (1,))
+        rows = rows / np.where(f == 0, 1.0, f)
+    if _depthwise(layer):
+        return rows[:, 0, :].T.reshape(kernel.shape).astype(np.float32)
+    return rows[0].T.reshape(kernel.shape).astype(np.float32)
 
 
-def correct_bias(model, images: np.ndarray, progress_label: str | None = "correcting biases"):
-    """A copy of `model` whose biases compensate the mean error of int8 weights (see module doc)."""
+def _scales(rows: np.ndarray) -> np.ndarray:
+    scale = np.abs(rows).max(axis=-1, keepdims=True) / LEVELS
+    return np.where(scale == 0, 1.0, scale)
+
+
+def nearest(rows: np.ndarray) -> np.ndarray:
+    """Rows rounded as the converter rounds them: per row, scale = max|w| / 127."""
+    scale = _scales(rows)
+    return np.round(rows / scale) * scale
+
+
+def gptq(rows: np.ndarray, gram: np.ndarray, damping: float = GPTQ_DAMPING) -> tuple[np.ndarray, float]:
+    """GPTQ-rounded rows (G, R, K) on the converter's grid, and the fraction of rows left at nearest
+    rounding (those whose largest weight GPTQ moved off +-127 steps: the converter would rescale them)."""
+    scale = _scales(rows)
+    plain = np.round(rows / scale) * scale
+    g, _, k = rows.shape
+    gram = gram.copy()
+    diag = np.einsum("gkk->gk", gram)
+    gram[:, np.arange(k), np.arange(k)] += np.where(diag <= 0, 1.0, 0.0) + damping * diag.mean(-1, keepdims=True)
+    order = np.argsort(-np.einsum("gkk->gk", gram), axis=-1)  # largest input energy first
+    gram = np.take_along_axis(np.take_along_axis(gram, order[:, :, None], 1), order[:, None, :], 2)
+    w = np.take_along_axis(rows, order[:, None, :], 2).copy()
+    upper = np.linalg.cholesky(np.linalg.inv(gram)).transpose(0, 2, 1)  # inverse H = U^T U
+    q = np.zeros_like(w)
+    s = scale[..., 0]
+    for i in range(k):
+        q[..., i] = np.clip(np.round(w[..., i] / s), -LEVELS, LEVELS) * s
+        err = (w[..., i] - q[..., i]) / upper[:, i, i][:, None]
+        w[..., i + 1:] -= err[..., None] * upper[:, None, i, i + 1:]
+    q = np.take_along_axis(q, np.argsort(order, axis=-1)[:, None, :], 2)
+    keeps_scale = np.abs(np.round(q / scale)).max(axis=-1) == LEVELS
+    return np.where(keeps_scale[..., None], q, plain), float(1 - keeps_scale.mean())
+
+
+def prepare_int8(model, images: np.ndarray, correction: str = "gptq", progress_label: str | None = "measuring layers"):
+    """A float copy of `model` whose int8 weights are rounded and biases corrected (see module doc).
+
+    correction: "gptq" or "bias" (CORRECTIONS); "none" returns the model itself."""
+    import contextlib
+
     from .data import progress
 
-    clone, quant = _copy(model), _copy(model)
-    pairs = correctable_layers(model)
-    float_means = _channel_means(model, [bn.output if bn else layer.input for layer, bn in pairs], images)
-    items = list(zip(pairs, float_means))
-    with progress(items, progress_label) if progress_label else contextlib.nullcontext(items) as items:
-        for (layer, bn), want in items:
-            q_layer = quant.get_layer(layer.name)
-            c_layer = clone.get_layer(layer.name)
-            weights = q_layer.get_weights()
-            if bn is None:  # Dense: mean logits from the mean input, float vs rounded kernel
-                kernel, bias = c_layer.get_weights()
-                q_kernel = _quantized_kernel(c_layer, None)
-                got_in = _channel_means(quant, [q_layer.input], images)[0]
-                shift = got_in @ q_kernel - want @ kernel
-                c_layer.set_weights([kernel, bias - shift])
-                q_layer.set_weights([q_kernel, bias - shift])
-                continue
-            q_bn, c_bn = quant.get_layer(bn.name), clone.get_layer(bn.name)
-            q_layer.set_weights([_quantized_kernel(c_layer, c_bn)] + weights[1:])
-            got = _channel_means(quant, [q_bn.output], images)[0]
-            gamma, beta, mean, var = c_bn.get_weights()
-            beta = beta - (got - want)
-            c_bn.set_weights([gamma, beta, mean, var])
-            q_bn.set_weights([gamma, beta, mean, var])
-    return clone
+    if correction == "none":
+        return model
+    if correction not in CORRECTIONS:
+        raise ValueError(f"unknown weight correction {correction!r} (one of {', '.join(CORRECTIONS)})")
+    targets = int8_targets(model)
+    means, grams = layer_statistics(model, targets, images, hessians=correction == "gptq",
+                                    progress_label=progress_label)
+    out = _copy(model)
+    items = list(zip(targets, means, grams))
+    label = "rounding weights (GPTQ)" if correction == "gptq" else None
+    with progress(items, label) if label and progress_label else contextlib.nullcontext(items) as items:
+        for (layer, bn), mean, gram in items:
+            rows = folded_rows(layer, bn)
+            q = gptq(rows, gram)[0] if gram is not None else nearest(rows)
+            copy = out.get_layer(layer.name)
+            weights = copy.get_weights()
+            weights[0] = _unfolded_kernel(layer, bn, q)
+            delta = q - rows  # (G, R, K); mean is (K taps, C)
+            if _depthwise(layer):
+                shift = np.einsum("ck,kc->c", delta[:, 0], mean)
+            else:
+                shift = delta[0] @ mean.reshape(-1)
+            if bn is None:
+                weights[1] = (weights[1] - shift).astype(np.float32)
+            else:
+                copy_bn = out.get_layer(bn.name)
+                gamma, beta, moving_mean, var = copy_bn.get_weights()
+                copy_bn.set_weights([gamma, (beta - shift).astype(np.float32), moving_mean, var])
+            copy.set_weights(weights)
+    return out
 
 
 def _copy(model):

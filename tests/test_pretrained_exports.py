@@ -72,9 +72,9 @@ def test_int8_bundle_has_labels_and_corrected_biases(lite0):
     with open(os.path.join(bundle, "labels.txt")) as f:
         assert f.read().splitlines() == imagenet_labels()
     manifest = json.load(open(os.path.join(bundle, "manifest.json")))
-    assert manifest["files"][0]["bias_correction"] is True
+    assert manifest["files"][0]["weight_correction"] == "gptq"
     fp32, int8 = open_model(lite0["fp32"]), open_model(lite0["int8"])
     crops = lite0["crops"]
     a = agreement(np.stack([int8.classify(x) for x in crops]), np.stack([fp32.classify(x) for x in crops]))
-    # plain int8 of these weights (and onnx2tf's) agrees on 91% of these crops; see benchmarks/int8_fidelity.py
-    assert a["top1_agreement"] >= 0.93, a
+    # plain int8 of these weights (and onnx2tf's) agrees on ~91% of these crops; see benchmarks/int8_fidelity.py
+    assert a["top1_agreement"] >= 0.96, a

@@ -36,7 +36,7 @@ class ExportOptions:
     num_calib: int = NUM_CALIB
     num_check: int = NUM_CHECK
     labels: str | None = None            # labels file, one class per line; ImageNet weights: ImageNet's
-    bias_correction: bool = True         # int8-weight TFLite modes, real calibration images: quantize.correct_bias
+    weight_correction: str = "gptq"      # int8-weight TFLite modes, real calibration images: quantize.CORRECTIONS
     output: str | None = None            # bundle folder; None: <name>-<mode> in the cwd
     force: bool = False
     backend: str = "auto"                # runtime for the self-check
@@ -178,13 +178,14 @@ def export(options: ExportOptions, echo=None) -> ExportResult:
                 "variant": name, "labels": labels,
                 "preprocessing": options.spec.preprocessing if options.spec else "in the .keras model"}}
             t0 = time.perf_counter()
-            corrected = fmt_name == "tflite" and mode.calibration and options.bias_correction \
+            corrected = fmt_name == "tflite" and mode.calibration and options.weight_correction != "none" \
                 and not calib_info["synthetic"]
             if corrected and corrected_model is None:
-                from ..quantize import correct_bias
+                from ..quantize import CORRECTIONS, prepare_int8
 
-                echo(f"correcting biases for int8 weights on {min(len(images), options.num_calib)} calibration images")
-                corrected_model = correct_bias(model, images[:options.num_calib])
+                echo(f"int8 weights: {CORRECTIONS[options.weight_correction]}, measured on "
+                     f"{min(len(images), options.num_calib)} calibration images")
+                corrected_model = prepare_int8(model, images[:options.num_calib], options.weight_correction)
             data = converter.convert(corrected_model if corrected else model, mode, file_io,
                                      images[:options.num_calib] if mode.calibration else None,
                                      **{k: v for k, v in extra.items() if k in fmt.options})
@@ -196,7 +197,7 @@ def export(options: ExportOptions, echo=None) -> ExportResult:
             figures = selfcheck(path, check, reference, _backend_for(options.backend, fmt.suffix), mode.min_cosine,
                                 mode.settings[fmt.name].get("max_abs_diff"))
             record = _file_record(path, fmt.name, mode, file_io, seconds, converter.inspect(path), figures)
-            record["bias_correction"] = bool(corrected)
+            record["weight_correction"] = options.weight_correction if corrected else "none"
             _mode_report(mode, path, tmp, echo, record, warnings)
             records.append(record)
             paths.append(os.path.join(output, filename))
