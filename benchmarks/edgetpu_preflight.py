@@ -72,11 +72,13 @@ def make_file(variant: str, how, photos: str, folder: str) -> tuple[str, float]:
             f.write(tflite.convert(build_model(spec, batch_size=None), MODES["int8"], "uint8", images))
     else:
         from edge_effnet.export.onnx import keras_to_onnx
-        from edge_effnet.export.onnx2tflite import ImportOptions, onnx_to_tflite
+        from edge_effnet.export.onnx2tflite import ImportOptions, convert_onnx, inspect_onnx, load_onnx
 
         onnx_path = os.path.join(folder, f"{variant}.onnx")
         keras_to_onnx(build_model(spec, batch_size=1), onnx_path)
-        onnx_to_tflite(onnx_path, {"int8": path}, images, ImportOptions(normalization="raw", io="uint8"))
+        options = ImportOptions(normalization="raw", io="uint8")
+        model = load_onnx(onnx_path)
+        convert_onnx(inspect_onnx(onnx_path, options, model), model, {"int8": path}, images, options)
     return path, time.perf_counter() - start
 
 

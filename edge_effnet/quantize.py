@@ -53,19 +53,18 @@ def int8_targets(model) -> list[tuple]:
     return pairs
 
 
-def _taps(x: np.ndarray, layer) -> list[np.ndarray]:
-    """What each kernel tap reads from input x (B, H, W, C): (B, Ho, Wo, C) arrays, in the kernel's
-    (kh, kw) order. Dense: one tap."""
+def _padded(x: np.ndarray, layer) -> tuple[np.ndarray, int, int, int]:
+    """Input x as the kernel reads it ((B, H, W, C), "same" padding applied; Dense: 1x1), and the
+    kernel's height, width and stride."""
     if x.ndim == 2:
-        return [x[:, None, None, :]]
+        return x[:, None, None, :], 1, 1, 1
     kh, kw = layer.kernel_size
     s = layer.strides[0]
     if layer.padding == "same":  # the builder pads stride-2 layers itself and uses "valid" there
         if s != 1:
             raise ValueError(f"{layer.name}: 'same' padding with stride {s} is not supported")
         x = np.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))
-    ho, wo = (x.shape[1] - kh) // s + 1, (x.shape[2] - kw) // s + 1
-    return [x[:, dy:dy + s * (ho - 1) + 1:s, dx:dx + s * (wo - 1) + 1:s, :] for dy in range(kh) for dx in range(kw)]
+    return x, kh, kw, s
 
 
 def _depthwise(layer) -> bool:
@@ -94,16 +93,20 @@ def layer_statistics(model, targets, images: np.ndarray, hessians: bool = True, 
             outs = probe(chunk, training=False)
             outs = outs if isinstance(outs, (list, tuple)) else [outs]
             for j, ((layer, _), x) in enumerate(zip(targets, outs)):
-                taps = _taps(np.asarray(x, np.float32), layer)
-                means[j] = means[j] + np.stack([t.mean(axis=(1, 2)).sum(0) for t in taps]).astype(np.float64)
+                x, kh, kw, s = _padded(np.asarray(x, np.float32), layer)
+                ho, wo = (x.shape[1] - kh) // s + 1, (x.shape[2] - kw) // s + 1
+                taps = [(dy, dx) for dy in range(kh) for dx in range(kw)]  # the kernel's (kh, kw) order
+                total = x.sum(axis=0)
+                means[j] = means[j] + np.stack([total[dy:dy + s * (ho - 1) + 1:s, dx:dx + s * (wo - 1) + 1:s].sum((0, 1))
+                                                for dy, dx in taps]).astype(np.float64) / (ho * wo)
                 if not hessians:
                     continue
-                patches = np.stack(taps, axis=3).reshape(-1, len(taps), taps[0].shape[-1])  # (n, K, C)
-                per_image = len(patches) // len(chunk)
-                if per_image > HESSIAN_ROWS:
-                    patches = patches[rng.choice(len(patches), HESSIAN_ROWS * len(chunk), replace=False)]
+                rows, cols = np.divmod(rng.choice(ho * wo, min(HESSIAN_ROWS, ho * wo), replace=False), wo)
+                patches = np.stack([x[:, dy + s * rows, dx + s * cols, :] for dy, dx in taps], axis=2)
+                patches = patches.reshape(-1, len(taps), x.shape[-1])  # (n, K, C)
                 if _depthwise(layer):
-                    gram = np.einsum("nkc,nlc->ckl", patches, patches)
+                    per_channel = patches.transpose(2, 0, 1)  # (C, n, K)
+                    gram = per_channel.transpose(0, 2, 1) @ per_channel
                 else:
                     flat = patches.reshape(len(patches), -1)
                     gram = (flat.T @ flat)[None]
