@@ -18,7 +18,9 @@ any TFLite mode:
   by E[x] . (w_int8 - w); the BatchNorm beta (or the layer's own bias) is moved by minus that.
 
 Both need only one forward pass of the float model over the calibration images (the input means
-and H of every kernel); the copy computes almost the same function as the float model.
+and H of every kernel); the copy computes almost the same function as the float model. Cost: on
+2 cores, about 25 s for Lite0 and 60 s for B1 with 100 images (the converter's own calibration of
+B1 takes another 25 s); `bias` alone costs a few seconds.
 """
 from __future__ import annotations
 
@@ -27,12 +29,13 @@ import numpy as np
 LEVELS = 127  # symmetric int8 weights: [-127, 127] * scale
 # name -> what export does to int8 weights before converting (--weight-correction)
 CORRECTIONS = {
-    "gptq": "GPTQ rounding of the int8 weights, then bias correction",
-    "bias": "nearest rounding (as the converter), with bias correction",
-    "none": "the converter's own nearest rounding, nothing else",
+    "gptq": "GPTQ rounding, then bias correction",
+    "bias": "nearest rounding (as the converter rounds), then bias correction",
+    "none": "the converter's own nearest rounding only",
 }
 GPTQ_DAMPING = 0.01   # added to H's diagonal, times its mean: H from a few images can be singular
 HESSIAN_ROWS = 4096   # input patches per image sampled for H (the means use every position)
+GPTQ_BLOCK = 128      # columns rounded together before the rest of the kernel is updated
 
 
 def int8_targets(model) -> list[tuple]:
@@ -90,7 +93,7 @@ def layer_statistics(model, targets, images: np.ndarray, hessians: bool = True, 
     with progress(starts, progress_label) if progress_label else contextlib.nullcontext(starts) as starts:
         for i in starts:
             chunk = images[i:i + batch].astype(np.float32)
-            outs = probe(chunk, training=False)
+            outs = probe([chunk], training=False)  # a list, as model.inputs is: no structure warning
             outs = outs if isinstance(outs, (list, tuple)) else [outs]
             for j, ((layer, _), x) in enumerate(zip(targets, outs)):
                 x, kh, kw, s = _padded(np.asarray(x, np.float32), layer)
@@ -168,10 +171,15 @@ def gptq(rows: np.ndarray, gram: np.ndarray, damping: float = GPTQ_DAMPING) -> t
     upper = np.linalg.cholesky(np.linalg.inv(gram)).transpose(0, 2, 1)  # inverse H = U^T U
     q = np.zeros_like(w)
     s = scale[..., 0]
-    for i in range(k):
-        q[..., i] = np.clip(np.round(w[..., i] / s), -LEVELS, LEVELS) * s
-        err = (w[..., i] - q[..., i]) / upper[:, i, i][:, None]
-        w[..., i + 1:] -= err[..., None] * upper[:, None, i, i + 1:]
+    for start in range(0, k, GPTQ_BLOCK):  # columns in blocks; the rest of the kernel updated once per block
+        end = min(start + GPTQ_BLOCK, k)
+        block, errors = w[..., start:end].copy(), np.zeros_like(w[..., start:end])
+        for i in range(end - start):
+            col = start + i
+            q[..., col] = np.clip(np.round(block[..., i] / s), -LEVELS, LEVELS) * s
+            errors[..., i] = (block[..., i] - q[..., col]) / upper[:, col, col][:, None]
+            block[..., i + 1:] -= errors[..., i, None] * upper[:, None, col, col + 1:end]
+        w[..., end:] -= errors @ upper[:, start:end, end:]
     q = np.take_along_axis(q, np.argsort(order, axis=-1)[:, None, :], 2)
     keeps_scale = np.abs(np.round(q / scale)).max(axis=-1) == LEVELS
     return np.where(keeps_scale[..., None], q, plain), float(1 - keeps_scale.mean())

@@ -183,7 +183,7 @@ def export(options: ExportOptions, echo=None) -> ExportResult:
             if corrected and corrected_model is None:
                 from ..quantize import CORRECTIONS, prepare_int8
 
-                echo(f"int8 weights: {CORRECTIONS[options.weight_correction]}, measured on "
+                echo(f"int8 weights: {CORRECTIONS[options.weight_correction]}, from "
                      f"{min(len(images), options.num_calib)} calibration images")
                 corrected_model = prepare_int8(model, images[:options.num_calib], options.weight_correction)
             data = converter.convert(corrected_model if corrected else model, mode, file_io,
