@@ -108,7 +108,7 @@ def layer_statistics(model, targets, images: np.ndarray, hessians: bool = True, 
                 patches = np.stack([x[:, dy + s * rows, dx + s * cols, :] for dy, dx in taps], axis=2)
                 patches = patches.reshape(-1, len(taps), x.shape[-1])  # (n, K, C)
                 if _depthwise(layer):
-                    per_channel = patches.transpose(2, 0, 1)  # (C, n, K)
+                    per_channel = np.ascontiguousarray(patches.transpose(2, 0, 1))  # (C, n, K): BLAS, not a loop
                     gram = per_channel.transpose(0, 2, 1) @ per_channel
                 else:
                     flat = patches.reshape(len(patches), -1)
