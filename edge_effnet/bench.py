@@ -179,13 +179,18 @@ def peak_rss_mb() -> float:
     return peak / MB if sys.platform == "darwin" else peak * 1024 / MB
 
 
-def pin_to_cpu(cpu: int) -> None:
-    """Pin every thread of this process to `cpu`; threads started later inherit it."""
+def set_affinity(cpus: set[int]) -> None:
+    """Let every thread of this process run on `cpus` only; threads started later inherit it."""
     for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]:
         try:
-            os.sched_setaffinity(int(tid), {cpu})
+            os.sched_setaffinity(int(tid), cpus)
         except OSError:
             pass  # a thread that just ended
+
+
+def pin_to_cpu(cpu: int) -> None:
+    """Pin every thread of this process to `cpu`."""
+    set_affinity({cpu})
     if os.sched_getaffinity(0) != {cpu}:
         raise UserError(f"could not pin to CPU {cpu}")
 
@@ -265,8 +270,19 @@ def benchmark(targets: list[Target], options: BenchOptions = BenchOptions(),
     """Time `targets` interleaved and return the record (see module doc).
 
     `on_round(done, total)` is called once every model has loaded (done=0) and after each round,
-    outside the timed calls (for a progress bar).
+    outside the timed calls (for a progress bar). With `options.cpu` the process is pinned while
+    timing and given its CPUs back after: a library caller left on one core ran numpy's
+    multi-threaded BLAS ~100x slower (its threads took turns on that core).
     """
+    before = os.sched_getaffinity(0) if options.cpu is not None and hasattr(os, "sched_getaffinity") else None
+    try:
+        return _benchmark(targets, options, on_round)
+    finally:
+        if before is not None:
+            set_affinity(before)
+
+
+def _benchmark(targets: list[Target], options: BenchOptions, on_round) -> dict:
     from . import runtime
 
     options.validate()

@@ -60,6 +60,17 @@ def test_default_is_exactly_20_timed_runs_with_each_time(tiny, tmp_path):
     assert "tiny.tflite" in result.stdout and "mean ms" in result.stdout and f"wrote {out}" in result.stdout
 
 
+def test_library_benchmark_gives_the_process_its_cpus_back(tiny):
+    """Pinned while timing only: a caller left on one core runs numpy's threaded BLAS ~100x slower."""
+    from edge_effnet.bench import BenchOptions, Target, benchmark
+
+    before = os.sched_getaffinity(0)
+    cpu = max(before)
+    record = benchmark([Target("t", "litert", path=tiny["tflite"])], BenchOptions(runs=2, warmup=0, cpu=cpu))
+    assert record["settings"]["affinity_cpus"] == [cpu]
+    assert os.sched_getaffinity(0) == before
+
+
 def test_two_models_are_interleaved_with_ratios_csv_and_compare(tiny, tmp_path):
     a, b = tmp_path / "a.tflite", tmp_path / "b.tflite"
     shutil.copy(tiny["tflite"], a)
