@@ -34,8 +34,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-# b0 first: after the lite0 peer path (torch + onnx2tf in this process) numpy's BLAS calls in the
-# next export's weight preparation ran ~100x slower here (the same export in a fresh process: 60 s)
 MODELS = [("b0", "none"), ("lite0", "imagenet")]
 MODES = ("fp32", "int8")
 
