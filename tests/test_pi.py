@@ -244,10 +244,13 @@ def scores(result: dict) -> np.ndarray:
 # 0.078 and 0.117),
 # small against int8's own error; the top-1 class must not change. README: Raspberry Pi.
 TOLERANCE = {"fp32": 1e-5, "int8": 0.15}
+# tflite-runtime 2.14's built-in int8 kernels against LiteRT's XNNPACK ones (the x86 "own" run) on
+# b0's int8 file (GPTQ-rounded weights): up to 0.16 measured; the top-1 class still agrees.
+TOLERANCE_ACROSS_RUNTIMES = {"fp32": 1e-5, "int8": 0.25}
 
 
-def tolerance(bundle: str) -> float:
-    return TOLERANCE[bundle.rsplit("-", 1)[1]]
+def tolerance(bundle: str, table: dict = TOLERANCE) -> float:
+    return table[bundle.rsplit("-", 1)[1]]
 
 
 def assert_light(run: Run) -> None:
@@ -274,7 +277,8 @@ def test_classifier_on_aarch64_matches_x86(results, runtime, bundle):
     assert top1 in (CATS if bundle.startswith("lite0") else (0,)), own["results"][0]["top"][:3]
     assert int(np.argmax(scores(arm))) == int(np.argmax(scores(x86))) == top1
     np.testing.assert_allclose(scores(arm), scores(x86), rtol=0, atol=tolerance(bundle))
-    np.testing.assert_allclose(scores(arm), scores(own), rtol=0, atol=tolerance(bundle))
+    across = TOLERANCE if runtime == "litert" else TOLERANCE_ACROSS_RUNTIMES
+    np.testing.assert_allclose(scores(arm), scores(own), rtol=0, atol=tolerance(bundle, across))
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
