@@ -12,7 +12,7 @@ as a user runs it, and this script checks and records the outcome:
 
 Outputs: benchmarks/results/search_digits.{md,json,png}. Run it under the benchmark lock:
 
-    flock /work/bench.lock python benchmarks/search_digits.py [--per-class 100] [--epochs 3]
+    flock /work/bench.lock python benchmarks/search_digits.py [--per-class 100] [--epochs 6]
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def versions() -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=60, help="digits per class (the set has ~180)")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--grid-step", type=float, default=0.2)
     parser.add_argument("--tolerance", type=float, default=0.15)
