@@ -72,13 +72,11 @@ def make_file(variant: str, how, photos: str, folder: str) -> tuple[str, float]:
             f.write(tflite.convert(build_model(spec, batch_size=None), MODES["int8"], "uint8", images))
     else:
         from edge_effnet.export.onnx import keras_to_onnx
-        from edge_effnet.export.onnx2tflite import ImportOptions, convert_onnx, inspect_onnx, load_onnx
+        from edge_effnet.export.onnx2tflite import ImportOptions, convert_onnx_file
 
         onnx_path = os.path.join(folder, f"{variant}.onnx")
         keras_to_onnx(build_model(spec, batch_size=1), onnx_path)
-        options = ImportOptions(normalization="raw", io="uint8")
-        model = load_onnx(onnx_path)
-        convert_onnx(inspect_onnx(onnx_path, options, model), model, {"int8": path}, images, options)
+        convert_onnx_file(onnx_path, {"int8": path}, images, ImportOptions(normalization="raw", io="uint8"))
     return path, time.perf_counter() - start
 
 

@@ -75,7 +75,7 @@ def export_peer(workdir: str, calib: np.ndarray) -> tuple[dict, float]:
     import torch
     from efficientnet_lite_pytorch import EfficientNet
 
-    from edge_effnet.export.onnx2tflite import ImportOptions, convert_onnx, inspect_onnx, load_onnx
+    from edge_effnet.export.onnx2tflite import ImportOptions, convert_onnx_file
     from edge_effnet.torch_import import lite0_file
 
     net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=lite0_file()).eval()
@@ -84,9 +84,7 @@ def export_peer(workdir: str, calib: np.ndarray) -> tuple[dict, float]:
                       input_names=["pixels"], output_names=["logits"])
     files = {"fp32": os.path.join(workdir, "peer-fp32.tflite"), "int8": os.path.join(workdir, "peer-int8.tflite")}
     start = time.perf_counter()
-    options = ImportOptions(normalization="raw", io="int8")  # onnx2tf's int8 io
-    model = load_onnx(onnx_path)
-    convert_onnx(inspect_onnx(onnx_path, options, model), model, files, calib, options)
+    convert_onnx_file(onnx_path, files, calib, ImportOptions(normalization="raw", io="int8"))  # onnx2tf's int8 io
     return files, time.perf_counter() - start
 
 

@@ -156,9 +156,9 @@ def nearest(rows: np.ndarray) -> np.ndarray:
     return np.round(rows / scale) * scale
 
 
-def gptq(rows: np.ndarray, gram: np.ndarray, damping: float = GPTQ_DAMPING) -> tuple[np.ndarray, float]:
-    """GPTQ-rounded rows (G, R, K) on the converter's grid, and the fraction of rows left at nearest
-    rounding (those whose largest weight GPTQ moved off +-127 steps: the converter would rescale them)."""
+def gptq(rows: np.ndarray, gram: np.ndarray, damping: float = GPTQ_DAMPING) -> np.ndarray:
+    """GPTQ-rounded rows (G, R, K) on the converter's grid. A row whose largest weight GPTQ moved off
+    +-127 steps (the converter would rescale it) keeps nearest rounding."""
     scale = _scales(rows)
     plain = np.round(rows / scale) * scale
     g, _, k = rows.shape
@@ -182,7 +182,7 @@ def gptq(rows: np.ndarray, gram: np.ndarray, damping: float = GPTQ_DAMPING) -> t
         w[..., end:] -= errors @ upper[:, start:end, end:]
     q = np.take_along_axis(q, np.argsort(order, axis=-1)[:, None, :], 2)
     keeps_scale = np.abs(np.round(q / scale)).max(axis=-1) == LEVELS
-    return np.where(keeps_scale[..., None], q, plain), float(1 - keeps_scale.mean())
+    return np.where(keeps_scale[..., None], q, plain)
 
 
 def prepare_int8(model, images: np.ndarray, correction: str = "gptq", progress_label: str | None = "measuring layers"):
@@ -206,7 +206,7 @@ def prepare_int8(model, images: np.ndarray, correction: str = "gptq", progress_l
     with progress(items, label) if label and progress_label else contextlib.nullcontext(items) as items:
         for (layer, bn), mean, gram in items:
             rows = folded_rows(layer, bn)
-            q = gptq(rows, gram)[0] if gram is not None else nearest(rows)
+            q = gptq(rows, gram) if gram is not None else nearest(rows)
             copy = out.get_layer(layer.name)
             weights = copy.get_weights()
             weights[0] = _unfolded_kernel(layer, bn, q)

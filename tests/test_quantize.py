@@ -60,7 +60,7 @@ def test_gptq_lowers_each_layers_output_error(small):
         def error(q):  # E ||(q - w) x||^2 over the layer's real input patches
             d = q - rows
             return float(np.einsum("grk,gkl,grl->", d, gram, d))
-        e_gptq, e_nearest = error(gptq(rows, gram)[0]), error(nearest(rows))
+        e_gptq, e_nearest = error(gptq(rows, gram)), error(nearest(rows))
         assert e_gptq <= e_nearest * 1.05, layer.name
         better += e_gptq < 0.9 * e_nearest
     assert better >= len(targets) // 2

@@ -340,6 +340,15 @@ def convert_onnx(source: SourceModel, model, outputs: dict[str, str], calibratio
                 shutil.copyfile(made_path, tmp)
 
 
+def convert_onnx_file(path: str, outputs: dict[str, str], calibration: np.ndarray,
+                      options: ImportOptions = ImportOptions()) -> SourceModel:
+    """Load, inspect and convert the ONNX file at `path` (convert_onnx for a caller holding a path)."""
+    model = load_onnx(path)
+    source = inspect_onnx(path, options, model)
+    convert_onnx(source, model, outputs, calibration, options)
+    return source
+
+
 def describe(source: SourceModel) -> dict:
     """The manifest's record of the source file."""
     return {"path": os.path.abspath(source.path), "input": source.input_name, "layout": source.layout,
