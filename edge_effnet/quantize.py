@@ -56,18 +56,21 @@ def int8_targets(model) -> list[tuple]:
     return pairs
 
 
-def _padded(x: np.ndarray, layer) -> tuple[np.ndarray, int, int, int]:
-    """Input x as the kernel reads it ((B, H, W, C), "same" padding applied; Dense: 1x1), and the
-    kernel's height, width and stride."""
-    if x.ndim == 2:
-        return x[:, None, None, :], 1, 1, 1
+def _geometry(layer, shape) -> tuple:
+    """How the kernel reads an input of `shape` ((B, H, W, C), or (B, C) for Dense): its taps (dy, dx)
+    in the kernel's (kh, kw) order, stride, the padding "same" adds, and the output height and width."""
+    if len(shape) == 2:
+        return [(0, 0)], 1, ((0, 0), (0, 0)), 1, 1
     kh, kw = layer.kernel_size
     s = layer.strides[0]
+    pad = ((0, 0), (0, 0))
     if layer.padding == "same":  # the builder pads stride-2 layers itself and uses "valid" there
         if s != 1:
             raise ValueError(f"{layer.name}: 'same' padding with stride {s} is not supported")
-        x = np.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))
-    return x, kh, kw, s
+        pad = (((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2))
+    height, width = shape[1] + sum(pad[0]), shape[2] + sum(pad[1])
+    taps = [(dy, dx) for dy in range(kh) for dx in range(kw)]
+    return taps, s, pad, (height - kh) // s + 1, (width - kw) // s + 1
 
 
 def _depthwise(layer) -> bool:
@@ -79,41 +82,62 @@ def _depthwise(layer) -> bool:
 def layer_statistics(model, targets, images: np.ndarray, hessians: bool = True, batch: int = 5,
                      progress_label: str | None = None, seed: int = 0):
     """Per target, over the images, in the float model: the mean input patch (K, C) and, with
-    `hessians`, H = E[x x^T] of its input patches ((1, K*C, K*C), or (C, K, K) per depthwise channel)."""
+    `hessians`, H = E[x x^T] of its input patches ((1, K*C, K*C), or (C, K, K) per depthwise channel).
+
+    One traced TensorFlow function runs the model and reduces every target's input to these sums
+    in the graph (the activations never leave it): means over every output position, H over
+    HESSIAN_ROWS positions per image drawn at random (the same for the images of one batch)."""
     import contextlib
 
     import keras
+    import tensorflow as tf
 
     from .data import progress
 
     probe = keras.Model(model.inputs, [layer.input for layer, _ in targets])
+    shapes = [tuple(t.shape) for t in probe.outputs]
+    geometry = [_geometry(layer, shape) for (layer, _), shape in zip(targets, shapes)]
+
+    @tf.function(reduce_retracing=True)
+    def sums(chunk, samples):
+        outs = probe([chunk], training=False)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        results = []
+        for (layer, _), x, (taps, s, pad, ho, wo), index in zip(targets, outs, geometry, samples):
+            x = tf.reshape(x, (-1, 1, 1, x.shape[-1])) if len(x.shape) == 2 else tf.pad(x, ((0, 0), *pad, (0, 0)))
+            total = tf.reduce_sum(x, 0)
+            mean = tf.stack([tf.reduce_sum(total[dy:dy + s * (ho - 1) + 1:s, dx:dx + s * (wo - 1) + 1:s], (0, 1))
+                             for dy, dx in taps])
+            if not hessians:
+                results.append((mean, tf.zeros(())))
+                continue
+            width, channels = x.shape[2], x.shape[3]
+            patches = tf.gather(tf.reshape(x, (-1, x.shape[1] * width, channels)), index, axis=1)  # (B, n, K, C)
+            if _depthwise(layer):  # one (K, n) x (n, K) product per channel (einsum takes 5x longer)
+                per_channel = tf.reshape(tf.transpose(patches, (3, 2, 0, 1)), (channels, len(taps), -1))
+                gram = tf.matmul(per_channel, per_channel, transpose_b=True)
+            else:
+                flat = tf.reshape(patches, (-1, len(taps) * channels))
+                gram = tf.matmul(flat, flat, transpose_a=True)[None]
+            results.append((mean, gram))
+        return results
+
     rng = np.random.default_rng(seed)
     means, grams = [0.0] * len(targets), [0.0] * len(targets)
     starts = range(0, len(images), batch)
     with progress(starts, progress_label) if progress_label else contextlib.nullcontext(starts) as starts:
         for i in starts:
             chunk = images[i:i + batch].astype(np.float32)
-            outs = probe([chunk], training=False)  # a list, as model.inputs is: no structure warning
-            outs = outs if isinstance(outs, (list, tuple)) else [outs]
-            for j, ((layer, _), x) in enumerate(zip(targets, outs)):
-                x, kh, kw, s = _padded(np.asarray(x, np.float32), layer)
-                ho, wo = (x.shape[1] - kh) // s + 1, (x.shape[2] - kw) // s + 1
-                taps = [(dy, dx) for dy in range(kh) for dx in range(kw)]  # the kernel's (kh, kw) order
-                total = x.sum(axis=0)
-                means[j] = means[j] + np.stack([total[dy:dy + s * (ho - 1) + 1:s, dx:dx + s * (wo - 1) + 1:s].sum((0, 1))
-                                                for dy, dx in taps]).astype(np.float64) / (ho * wo)
-                if not hessians:
-                    continue
+            samples = []
+            for (taps, s, pad, ho, wo), shape in zip(geometry, shapes):
                 rows, cols = np.divmod(rng.choice(ho * wo, min(HESSIAN_ROWS, ho * wo), replace=False), wo)
-                patches = np.stack([x[:, dy + s * rows, dx + s * cols, :] for dy, dx in taps], axis=2)
-                patches = patches.reshape(-1, len(taps), x.shape[-1])  # (n, K, C)
-                if _depthwise(layer):
-                    per_channel = np.ascontiguousarray(patches.transpose(2, 0, 1))  # (C, n, K): BLAS, not a loop
-                    gram = per_channel.transpose(0, 2, 1) @ per_channel
-                else:
-                    flat = patches.reshape(len(patches), -1)
-                    gram = (flat.T @ flat)[None]
-                grams[j] = grams[j] + gram.astype(np.float64) * (len(chunk) / len(patches))
+                width = 1 if len(shape) == 2 else shape[2] + sum(pad[1])  # of the padded input
+                samples.append(np.stack([(dy + s * rows) * width + dx + s * cols for dy, dx in taps], axis=1))
+            for j, (mean, gram) in enumerate(sums(tf.constant(chunk), [tf.constant(x) for x in samples])):
+                n = len(chunk) * len(samples[j])
+                means[j] = means[j] + mean.numpy().astype(np.float64) / (geometry[j][3] * geometry[j][4])
+                if hessians:
+                    grams[j] = grams[j] + gram.numpy().astype(np.float64) * (len(chunk) / n)
     n = len(images)
     return [m / n for m in means], [g / n if hessians else None for g in grams]
 
