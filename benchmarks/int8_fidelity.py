@@ -7,8 +7,9 @@ other one mirrored.
 
 - ours: `edge-effnet export --variant lite0 --weights imagenet --int8` (weights imported into our
   Keras builder, GPTQ rounding and bias correction of the int8 weights, TFLite converter), and
-  the fp32 export; plus our int8 with bias correction only and with no weight correction, to show
-  what each step does.
+  the fp32 export; plus our int8 with bias correction only, with no weight correction, and with
+  the converter's own calibration pass instead of the activation ranges export measures (see
+  edge_effnet/export/tflite.py: measured_calibration), to show what each step does.
 - peer: the same weights as a PyTorch model (efficientnet-lite-pytorch), torch.onnx.export
   (opset 17), onnx2tf full-int8 with its default per-channel quantization, run offline through
   edge_effnet.export.onnx2tflite (which feeds onnx2tf our calibration images), and its fp32 file.
@@ -42,6 +43,21 @@ from edge_effnet.evaluate import agreement  # noqa: E402
 
 CATS = range(281, 286)
 OURS_VARIANTS = {"bias": "ours int8, bias correction only", "none": "ours int8, no weight correction"}
+# ours (GPTQ) with the TFLite converter's own calibration pass instead of the ranges export measures
+STOCK_RANGES = "ours int8, the converter's own activation ranges"
+
+
+def export_stock_ranges(workdir: str, calib_npy: str) -> str:
+    import contextlib
+
+    from edge_effnet.export import tflite
+
+    measured = tflite.measured_calibration
+    tflite.measured_calibration = lambda images: contextlib.nullcontext()
+    try:
+        return export_ours(os.path.join(workdir, "stock-ranges"), calib_npy, "int8")
+    finally:
+        tflite.measured_calibration = measured
 
 
 def export_ours(workdir: str, calib_npy: str, mode: str, correction: str = "gptq") -> str:
@@ -171,6 +187,8 @@ def main(argv=None) -> int:
         ours_seconds = time.perf_counter() - t
         for correction in ("bias", "none"):
             files[OURS_VARIANTS[correction]] = export_ours(work, calib_npy, "int8", correction)
+        os.makedirs(os.path.join(work, "stock-ranges"))
+        files[STOCK_RANGES] = export_stock_ranges(work, calib_npy)
         peer_files, peer_seconds = export_peer(work, calib)
         files["peer fp32"], files["peer int8"] = peer_files["fp32"], peer_files["int8"]
         chelsea = load_image(os.path.join(photoset.photo_dir(), "chelsea.png"), 224)[None]
@@ -181,7 +199,7 @@ def main(argv=None) -> int:
             results[set_name] = {
                 "crops": len(images),
                 "ours int8": agreement(p["ours int8"], p["ours fp32"]),
-                **{name: agreement(p[name], p["ours fp32"]) for name in OURS_VARIANTS.values()},
+                **{name: agreement(p[name], p["ours fp32"]) for name in (*OURS_VARIANTS.values(), STOCK_RANGES)},
                 "peer int8": agreement(p["peer int8"], p["peer fp32"]),
                 "peer fp32 vs ours fp32": agreement(p["peer fp32"], p["ours fp32"]),
             }
@@ -229,7 +247,8 @@ def write_markdown(r: dict, path: str) -> None:
     for set_name, res in r["agreement"].items():
         photos = r["evaluation"]["photos"] if set_name == "photos" else r["evaluation"]["harder_photos"]
         lines += [f"## {res['crops']} crops of {set_name}: {', '.join(photos)}", ""]
-        lines += table([(name, res[name]) for name in ("ours int8", *OURS_VARIANTS.values(), "peer int8")])
+        lines += table([(name, res[name]) for name in ("ours int8", *OURS_VARIANTS.values(), STOCK_RANGES,
+                                                       "peer int8") if name in res])
         same = res["peer fp32 vs ours fp32"]
         lines += ["", f"Float files, peer vs ours: top-1 agreement {same['top1_agreement']:.1%}, "
                       f"mean KL {same['mean_kl']:.2g} (same weights, same function).", ""]

@@ -49,7 +49,7 @@ class Tensor:
     constant: bool                 # has data in the file (weights, biases, shape/axis operands)
     scale: tuple[float, ...] = ()
     zero_point: tuple[int, ...] = ()
-    data: bytes = b""              # raw bytes of small int32/int64 constants (axes, paddings), else b""
+    data: bytes = b""              # raw bytes of constants up to SMALL_CONSTANT_BYTES, else b""
 
     @property
     def dynamic(self) -> bool:
@@ -165,7 +165,7 @@ _QUANT = dict(scale=2, zero_point=3)
 _OPERATOR = dict(opcode_index=0, inputs=1, outputs=2)
 _BUFFER = dict(data=0, offset=1, size=2)
 _METADATA = dict(name=0, buffer=1)
-SMALL_CONSTANT_BYTES = 64  # keep the bytes of constants this small (axes, paddings, shapes)
+SMALL_CONSTANT_BYTES = 4096  # keep the bytes of constants this small (axes, paddings, shapes, pad blocks)
 
 
 def read_tflite(path: str, subgraph: int = 0) -> Model:

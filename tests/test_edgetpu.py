@@ -306,3 +306,23 @@ def test_export_onnx_model_for_the_edgetpu_warns_when_it_does_not_map(tmp_path, 
     report = json.loads((out / "edgetpu_preflight.json").read_text())
     assert record["io"] == "uint8" and record["report"]["first_unsupported_op"] == "LEAKY_RELU"
     assert report["first_unsupported_op"] == "LEAKY_RELU" and 0 < report["mac_share_on_edgetpu"] < 1
+
+
+def test_edgetpu_export_keeps_the_normalization_the_int8_export_folds(tmp_path, chelsea):
+    """--int8 folds a B-series model's per-channel input normalization into a mean-padded stem
+    (export/fold.py); the Edge TPU compiler would stop at that constant CONCATENATION, so
+    --edgetpu keeps SUB / MUL, which map."""
+    import os
+
+    photos = os.path.dirname(chelsea)
+    common = ["--width", "0.25", "--depth", "0.25", "--resolution", "64", "--calib", photos, "--num-calib", "8"]
+    assert run_cli("export", *common, "--int8", "-o", tmp_path / "int8").returncode == 0
+    int8 = json.loads((tmp_path / "int8" / "manifest.json").read_text())
+    folded = preflight(str(tmp_path / "int8" / int8["files"][0]["file"]))
+    assert int8["graph_rewrites"] and not folded["maps_fully"]
+    assert folded["first_unsupported_op"] == "CONCATENATION" and folded["mac_share_on_edgetpu"] == 0.0
+    assert "non-zero constant" in folded["first_unsupported_reasons"][0], folded["first_unsupported_reasons"]
+    result = run_cli("export", *common, "--edgetpu", "-o", tmp_path / "edgetpu")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "edgetpu" / "manifest.json").read_text())
+    assert manifest["graph_rewrites"] == [] and manifest["files"][0]["report"]["maps_fully"]

@@ -81,6 +81,8 @@ def int8_bundle(tmp_path_factory, small_model, photos):
 
 
 def test_int8_small_real_calibration(int8_bundle):
+    from edge_effnet.export.fold import FOLDED
+
     result = int8_bundle
     manifest, rec = check_bundle(result, "int8")
     # uint8 pixels in (scale 1, zero point 0: raw bytes), uint8 scores out
@@ -91,6 +93,8 @@ def test_int8_small_real_calibration(int8_bundle):
     assert set(rec["tensor_types"]) <= {"INT8", "UINT8", "INT32"}, rec["tensor_types"]
     ops = {o["op"] for o in rec["ops"]}
     assert {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"} <= ops and "DEQUANTIZE" not in ops
+    # the per-channel input normalization is folded into the stem conv: raw pixels padded, no SUB
+    assert manifest["graph_rewrites"] == [FOLDED] and "CONCATENATION" in ops and "SUB" not in ops
     # calibration: 12 readable photos (grayscale and RGBA converted), the corrupt one skipped and counted
     cal = manifest["calibration"]
     assert (cal["count"], cal["skipped"], cal["synthetic"]) == (len(PHOTOS), 1, False)

@@ -274,11 +274,22 @@ def test_classifier_on_aarch64_matches_x86(results, runtime, bundle):
     assert own["runtime"].startswith("litert ")
     top1 = int(np.argmax(scores(own)))
     # the photo is recognised on x86: a cat for the ImageNet lite0, class 0 (chelsea) for b0's photo head
-    assert top1 in (CATS if bundle.startswith("lite0") else (0,)), own["results"][0]["top"][:3]
-    assert int(np.argmax(scores(arm))) == int(np.argmax(scores(x86))) == top1
-    np.testing.assert_allclose(scores(arm), scores(x86), rtol=0, atol=tolerance(bundle))
+    expected = CATS if bundle.startswith("lite0") else (0,)
+    assert top1 in expected, own["results"][0]["top"][:3]
+    assert int(np.argmax(scores(arm))) in expected, arm["results"][0]["top"][:3]
     across = TOLERANCE if runtime == "litert" else TOLERANCE_ACROSS_RUNTIMES
+    assert same_top1(scores(arm), scores(x86), tolerance(bundle))
+    assert same_top1(scores(arm), scores(own), tolerance(bundle, across))
+    np.testing.assert_allclose(scores(arm), scores(x86), rtol=0, atol=tolerance(bundle))
     np.testing.assert_allclose(scores(arm), scores(own), rtol=0, atol=tolerance(bundle, across))
+
+
+def same_top1(a: np.ndarray, b: np.ndarray, atol: float) -> bool:
+    """a's top-1 class is b's, or int8 kernels that round differently swapped two classes b scores
+    within atol of each other (chelsea in lite0 int8: tiger cat and Egyptian cat are close; with
+    the measured calibration ranges, tflite-runtime 2.14 on aarch64 and on x86-64 picked different ones)."""
+    i, j = int(np.argmax(a)), int(np.argmax(b))
+    return i == j or b[j] - b[i] <= atol
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)

@@ -166,9 +166,9 @@ def export(options: ExportOptions, echo=None) -> ExportResult:
     num_classes = int(model.outputs[0].shape[-1])
     labels, labels_source = bundle.bundle_labels(options.labels, num_classes, options.weights, options.model_path)
     reference = reference_scores(model, check)
-    from .fold import fold_input_normalization  # imports keras: after load_model's import_keras
+    from .fold import fold_input_normalization  # same function, faster file; imports keras (loaded by now)
 
-    model, rewrite = fold_input_normalization(model)  # same function, faster file (export/fold.py)
+    model, rewrite = fold_input_normalization(model) if mode.fold_normalization else (model, None)
 
     records, paths, corrected_model = [], [], None
     with atomic_dir(output, options.force) as tmp:

@@ -91,6 +91,14 @@ def _check_limitation(model: Model, op: Operator, check: str) -> str | None:
         pairs = [pads[i:i + 2] for i in range(0, len(pads), 2)]
         if len(pairs) == 4 and any(any(p) for p in (pairs[0], pairs[3])):
             return "pads the batch or channel dimension; the Edge TPU pads only along x/y"
+    if check == "constant_is_zero_padding":
+        constants = [t for t in map(model.tensor, op.inputs) if t is not None and t.constant]
+        if constants and len(op.inputs) != 2:
+            return "concatenates a constant with more than one tensor; the Edge TPU takes one constant (zero padding)"
+        for t in constants:
+            zero = bytes([t.zero_point[0] % 256]) if t.dtype in ("INT8", "UINT8") and t.zero_point else b"\0"
+            if t.data and t.data.strip(zero):
+                return f"concatenates a non-zero constant '{t.name}'; the Edge TPU takes only zeros (padding)"
     if check == "softmax_size" and data is not None:
         inner = [d for d in data.shape[1:]] if len(data.shape) > 1 else list(data.shape)
         if sum(d > 1 for d in inner) > 1:

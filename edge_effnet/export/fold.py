@@ -93,10 +93,11 @@ class ConstantPad(keras.layers.Layer):
 
     def call(self, x):
         (top, bottom), (left, right) = self.padding
-        value = np.asarray(self.values, np.float32)
+        value = ops.convert_to_tensor(np.asarray(self.values, np.float32).reshape(1, 1, 1, -1))
+        batch = x.shape[0] if x.shape[0] is not None else ops.shape(x)[0]  # static (1) in exports: a constant
 
         def block(height, width):
-            return ops.convert_to_tensor(np.broadcast_to(value, (x.shape[0], height, width, len(value))).copy())
+            return ops.broadcast_to(value, (batch, height, width, len(self.values)))
 
         parts = [block(top, x.shape[2])] * bool(top) + [x] + [block(bottom, x.shape[2])] * bool(bottom)
         x = ops.concatenate(parts, axis=1) if len(parts) > 1 else x

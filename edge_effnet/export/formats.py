@@ -38,6 +38,9 @@ class Mode:
     # "module:function" run on each exported file: f(path, bundle_folder, echo) -> dict kept in the
     # file's manifest record as "report" (its "summary" is printed, its "warning" joins the warnings).
     report: str | None = None
+    # export/fold.py: the stem reads raw pixels padded with the mean (a constant CONCATENATION)
+    # instead of two per-channel normalization ops; same function, ~1 ms less for B0 on one core.
+    fold_normalization: bool = True
 
     @property
     def flag(self) -> str:
@@ -81,7 +84,10 @@ MODES: dict[str, Mode] = {
     "edgetpu": Mode("edgetpu", "Coral Edge TPU: full integer as --int8 (uint8 in/out, batch 1) + the Edge TPU "
                                "pre-flight report; compiled too when edgetpu_compiler is on PATH",
                     ("uint8", "int8"), True, {"tflite": INT8_TFLITE},
-                    report="edge_effnet.export.edgetpu:bundle_report"),
+                    report="edge_effnet.export.edgetpu:bundle_report",
+                    # the compiler maps a CONCATENATION with a constant input only if it is all zeros:
+                    # the folded stem would send every op to the CPU; SUB and MUL map
+                    fold_normalization=False),
 }
 DEFAULT_MODE = "fp32"
 DEFAULT_FORMATS = ("tflite",)
