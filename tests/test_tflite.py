@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from test_fold import photos
 
 
-def test_measured_ranges_are_every_tensors_true_range():
+@pytest.mark.parametrize("passes", ["one pass", "several passes"])
+def test_measured_ranges_are_every_tensors_true_range(passes, monkeypatch):
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
     from tensorflow.lite.tools import flatbuffer_utils
 
+    from edge_effnet.export import tflite
     from edge_effnet.export.tflite import frozen_graph, measured_calibration, representative_images
     from edge_effnet.models import create_model, data_init
     from edge_effnet.variants import from_scaling
@@ -19,12 +22,16 @@ def test_measured_ranges_are_every_tensors_true_range():
                          drop_connect=0.0)
     images = photos(64)
     data_init(model, images)
+    if passes == "several passes":  # as for a big model: a probe per group of tensors
+        monkeypatch.setattr(tflite, "MEASURE_BYTES", 200_000)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen_graph(model)])
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative_images(images)
+    samples, passes_run = representative_images(images), []
+    converter.representative_dataset = lambda: passes_run.append(1) or samples()
     converter._experimental_calibrate_only = True  # the float model with the ranges the quantizer reads
     with measured_calibration(images):
         calibrated = converter.convert()
+    assert len(passes_run) == 1 if passes == "one pass" else len(passes_run) > 2
     graph = flatbuffer_utils.convert_bytearray_to_object(calibrated).subgraphs[0]
     ranged = {i: (t.quantization.min[0], t.quantization.max[0]) for i, t in enumerate(graph.tensors)
               if t.quantization is not None and t.quantization.min is not None and len(t.quantization.min)}

@@ -16,6 +16,8 @@ from .formats import Mode
 
 # Ops that only appear around a dynamic batch dimension; an exported graph must have none.
 DYNAMIC_SHAPE_OPS = ("SHAPE", "PACK", "STRIDED_SLICE")
+# measure_ranges: float activations one probe pass keeps (B1 at 240 px: 138 MB in all; B7: ~5 GB)
+MEASURE_BYTES = 1 << 30
 
 
 def _pixels(images: np.ndarray, i: int) -> np.ndarray:
@@ -67,8 +69,9 @@ def measured_calibration(images: np.ndarray):
 def measure_ranges(calibrated: bytes, dataset_gen) -> bytes | None:
     """`calibrated` (a float model with a logged min/max per tensor) with each of those ranges
     measured over dataset_gen's samples; None for a model this does not handle (several subgraphs,
-    per-channel ranges). Every logged tensor becomes a graph output of a probe copy, which runs
-    with XNNPACK on every core: outputs are written out whole, never computed in place."""
+    per-channel ranges). The logged tensors become graph outputs of a probe copy, which runs with
+    XNNPACK on every core: outputs are written out whole, never computed in place. Outputs keep
+    their memory, so big models take several passes of at most MEASURE_BYTES each."""
     import os
 
     from tensorflow.lite.tools import flatbuffer_utils
@@ -81,23 +84,32 @@ def measure_ranges(calibrated: bytes, dataset_gen) -> bytes | None:
               if t.quantization is not None and t.quantization.min is not None and len(t.quantization.min)]
     if len(model.subgraphs) != 1 or any(len(graph.tensors[i].quantization.min) != 1 for i in logged):
         return None
-    inputs, outputs = [int(i) for i in graph.inputs], graph.outputs
-    graph.outputs = np.array([i for i in logged if i not in inputs], np.int32)
     try:
         interpreter_class, _ = _tflite_interpreter_class("litert")
     except UserError:
         interpreter_class, _ = _tflite_interpreter_class("tf-lite")
-    probe = interpreter_class(model_content=bytes(flatbuffer_utils.convert_object_to_bytearray(model)),
-                              num_threads=len(os.sched_getaffinity(0)))
-    probe.allocate_tensors()
+    inputs, outputs = [int(i) for i in graph.inputs], graph.outputs
+    passes, size = [[]], 0
+    for i in (i for i in logged if i not in inputs):
+        nbytes = 4 * int(np.prod(graph.tensors[i].shape))
+        if passes[-1] and size + nbytes > MEASURE_BYTES:
+            passes.append([])
+            size = 0
+        passes[-1].append(i)
+        size += nbytes
     low, high = {i: np.inf for i in logged}, {i: -np.inf for i in logged}
-    for sample in dataset_gen():
-        for i, x in zip(inputs, sample):
-            probe.set_tensor(i, x)
-        probe.invoke()
-        for i in logged:
-            x = probe.get_tensor(i)
-            low[i], high[i] = min(low[i], float(x.min())), max(high[i], float(x.max()))
+    for probed in passes:
+        graph.outputs = np.array(probed, np.int32)
+        probe = interpreter_class(model_content=bytes(flatbuffer_utils.convert_object_to_bytearray(model)),
+                                  num_threads=len(os.sched_getaffinity(0)))
+        probe.allocate_tensors()
+        for sample in dataset_gen():
+            for i, x in zip(inputs, sample):
+                probe.set_tensor(i, x)
+            probe.invoke()
+            for i in probed + [i for i in inputs if i in low]:
+                x = probe.get_tensor(i)
+                low[i], high[i] = min(low[i], float(x.min())), max(high[i], float(x.max()))
     graph.outputs = outputs
     for i in logged:
         graph.tensors[i].quantization.min = np.array([low[i]], np.float32)
