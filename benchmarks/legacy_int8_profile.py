@@ -78,9 +78,12 @@ def op_model(shape, layer):
 
 
 def export_all(folder: str) -> dict[str, tuple[str, str]]:
+    from edge_effnet.models import create_model, import_keras
+
+    import_keras()
+    from edge_effnet.export.fold import fold_input_normalization
     from edge_effnet.export.formats import MODES
     from edge_effnet.export.tflite import convert
-    from edge_effnet.models import create_model
     from edge_effnet.variants import get_variant
 
     rng = np.random.default_rng(0)
@@ -88,8 +91,8 @@ def export_all(folder: str) -> dict[str, tuple[str, str]]:
     models = [(name, op_model(shape, layer), shape) for name, shape, layer in OPS]
     for variant in ("b0", "lite0"):
         spec = get_variant(variant)
-        models.append((f"whole {variant}", create_model(spec, None, batch_size=1),
-                       (spec.resolution, spec.resolution, 3)))
+        model, _ = fold_input_normalization(create_model(spec, None, batch_size=1))  # as export does
+        models.append((f"whole {variant}", model, (spec.resolution, spec.resolution, 3)))
     for i, (name, model, shape) in enumerate(models):
         calib = rng.integers(0, 256, (8, *shape)).astype(np.float32)
         pair = []
