@@ -97,7 +97,9 @@ def _check_limitation(model: Model, op: Operator, check: str) -> str | None:
             return "concatenates a constant with more than one tensor; the Edge TPU takes one constant (zero padding)"
         for t in constants:
             zero = bytes([t.zero_point[0] % 256]) if t.dtype in ("INT8", "UINT8") and t.zero_point else b"\0"
-            if t.data and t.data.strip(zero):
+            if not t.data:
+                return f"concatenates a constant '{t.name}' too large to check for zeros (the Edge TPU takes only zeros)"
+            if t.data.strip(zero):
                 return f"concatenates a non-zero constant '{t.name}'; the Edge TPU takes only zeros (padding)"
     if check == "softmax_size" and data is not None:
         inner = [d for d in data.shape[1:]] if len(data.shape) > 1 else list(data.shape)
