@@ -55,10 +55,11 @@ def fold_input_normalization(model):
         return model, None
     chain, a, b, pad = found
     if np.all(a == a[0]) and np.all(b == b[0]) or not isinstance(pad, keras.layers.ZeroPadding2D) \
-            or len(pad._outbound_nodes) != 1 or np.any(a == 0):
+            or len(pad._outbound_nodes) != 1 or np.any(a == 0) or pad.data_format != "channels_last":
         return model, None
     conv = pad._outbound_nodes[0].operation
-    if type(conv) is not keras.layers.Conv2D or conv.padding != "valid" or conv.groups != 1:
+    if type(conv) is not keras.layers.Conv2D or conv.padding != "valid" or conv.groups != 1 \
+            or conv.data_format != "channels_last":
         return model, None
     pad_value = -b / a
 
