@@ -52,10 +52,12 @@ def export_stock_ranges(workdir: str, calib_npy: str) -> str:
 
     from edge_effnet.export import tflite
 
+    folder = os.path.join(workdir, "stock-ranges")
+    os.makedirs(folder)
     measured = tflite.measured_calibration
     tflite.measured_calibration = lambda images: contextlib.nullcontext()
     try:
-        return export_ours(os.path.join(workdir, "stock-ranges"), calib_npy, "int8")
+        return export_ours(folder, calib_npy, "int8")
     finally:
         tflite.measured_calibration = measured
 
@@ -187,7 +189,6 @@ def main(argv=None) -> int:
         ours_seconds = time.perf_counter() - t
         for correction in ("bias", "none"):
             files[OURS_VARIANTS[correction]] = export_ours(work, calib_npy, "int8", correction)
-        os.makedirs(os.path.join(work, "stock-ranges"))
         files[STOCK_RANGES] = export_stock_ranges(work, calib_npy)
         peer_files, peer_seconds = export_peer(work, calib)
         files["peer fp32"], files["peer int8"] = peer_files["fp32"], peer_files["int8"]

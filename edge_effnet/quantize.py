@@ -135,10 +135,9 @@ def layer_statistics(model, targets, images: np.ndarray, hessians: bool = True, 
                 width = 1 if len(shape) == 2 else shape[2] + sum(pad[1])  # of the padded input
                 samples.append(np.stack([(dy + s * rows) * width + dx + s * cols for dy, dx in taps], axis=1))
             for j, (mean, gram) in enumerate(sums(tf.constant(chunk), [tf.constant(x) for x in samples])):
-                n = len(chunk) * len(samples[j])
                 means[j] = means[j] + mean.numpy().astype(np.float64) / (geometry[j][3] * geometry[j][4])
-                if hessians:
-                    grams[j] = grams[j] + gram.numpy().astype(np.float64) * (len(chunk) / n)
+                if hessians:  # per image: the sum over its sampled positions, averaged
+                    grams[j] = grams[j] + gram.numpy().astype(np.float64) / len(samples[j])
     n = len(images)
     return [m / n for m in means], [g / n if hessians else None for g in grams]
 

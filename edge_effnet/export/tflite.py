@@ -76,7 +76,7 @@ def measure_ranges(calibrated: bytes, dataset_gen) -> bytes | None:
 
     from tensorflow.lite.tools import flatbuffer_utils
 
-    from ..runtime import _tflite_interpreter_class
+    from ..runtime import _tflite_interpreter_class, backend_for
 
     model = flatbuffer_utils.convert_bytearray_to_object(calibrated)
     graph = model.subgraphs[0]
@@ -84,10 +84,7 @@ def measure_ranges(calibrated: bytes, dataset_gen) -> bytes | None:
               if t.quantization is not None and t.quantization.min is not None and len(t.quantization.min)]
     if len(model.subgraphs) != 1 or any(len(graph.tensors[i].quantization.min) != 1 for i in logged):
         return None
-    try:
-        interpreter_class, _ = _tflite_interpreter_class("litert")
-    except UserError:
-        interpreter_class, _ = _tflite_interpreter_class("tf-lite")
+    interpreter_class, _ = _tflite_interpreter_class(backend_for("probe.tflite"))  # the first installed
     inputs, outputs = [int(i) for i in graph.inputs], graph.outputs
     passes, size = [[]], 0
     for i in (i for i in logged if i not in inputs):
@@ -98,8 +95,9 @@ def measure_ranges(calibrated: bytes, dataset_gen) -> bytes | None:
         passes[-1].append(i)
         size += nbytes
     low, high = {i: np.inf for i in logged}, {i: -np.inf for i in logged}
-    for probed in passes:
+    for n, probed in enumerate(passes):
         graph.outputs = np.array(probed, np.int32)
+        read = probed + [i for i in inputs if i in low] * (n == 0)  # input ranges: from the first pass
         probe = interpreter_class(model_content=bytes(flatbuffer_utils.convert_object_to_bytearray(model)),
                                   num_threads=len(os.sched_getaffinity(0)))
         probe.allocate_tensors()
@@ -107,7 +105,7 @@ def measure_ranges(calibrated: bytes, dataset_gen) -> bytes | None:
             for i, x in zip(inputs, sample):
                 probe.set_tensor(i, x)
             probe.invoke()
-            for i in probed + [i for i in inputs if i in low]:
+            for i in read:
                 x = probe.get_tensor(i)
                 low[i], high[i] = min(low[i], float(x.min())), max(high[i], float(x.max()))
     graph.outputs = outputs
