@@ -50,6 +50,9 @@ def test_measured_ranges_are_every_tensors_true_range(passes, monkeypatch):
             low[i], high[i] = min(low[i], value.min()), max(high[i], value.max())
     assert (low[int(graph.inputs[0])], high[int(graph.inputs[0])]) == (0.0, 255.0)
     for i, (lo, hi) in ranged.items():
-        tolerance = 1e-4 * max(abs(low[i]), abs(high[i]), 1e-3)
+        # XNNPACK on 2 threads and the reference kernels sum in different orders: the classifier's
+        # 1280-term dot products differed by 1.5e-4 of their size in one run (the stock pass's errors
+        # are 3x to 50% of the range)
+        tolerance = 1e-3 * max(abs(low[i]), abs(high[i]), 1e-3)
         assert abs(lo - low[i]) <= tolerance and abs(hi - high[i]) <= tolerance, (graph.tensors[i].name, lo, hi,
                                                                                     low[i], high[i])
