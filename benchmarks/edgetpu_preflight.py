@@ -1,30 +1,29 @@
 """Edge TPU pre-flight of b0 (swish + squeeze-excite), lite0 and edgetpu-s int8 exports.
 
 Exports each variant with `edge-effnet export --edgetpu` (the library call: full-integer int8,
-uint8 in/out, batch 1, calibrated on scikit-image's photos) and runs the pre-flight report on the
+uint8 in/out, batch 1, calibrated on crops of scikit-image's photos) and runs the pre-flight report on the
 file, plus contrasts that show what the report catches: b0 in float32, b0 int8 with float input and
 output, b0 int8 with a dynamic batch, and Lite0 through the ONNX -> onnx2tf path.
 Weights are random (op mapping does not depend on them). Writes
-benchmarks/results/edgetpu_preflight.{md,json}.
+benchmarks/results/edgetpu_preflight.{md,json} (with the provenance block, benchmarks/_common.py).
 
-    flock /work/bench.lock python benchmarks/edgetpu_preflight.py
+    python benchmarks/edgetpu_preflight.py [--lock FILE]      # --render: rewrite the .md from the .json
 """
 from __future__ import annotations
 
+import argparse
 import collections
-import datetime
 import json
 import os
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import _common
 
-from edge_effnet.export.edgetpu import preflight, rules  # noqa: E402
+from edge_effnet.export.edgetpu import preflight, rules
 
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
+NAME = "edgetpu_preflight"
 NUM_CALIB = 32
 CASES = [  # variant, label, how: an export mode (with its io) | "dynamic-batch" | "onnx2tf"
     ("b0", "int8 (--edgetpu)", ("edgetpu", "uint8")),
@@ -37,29 +36,23 @@ CASES = [  # variant, label, how: an export mode (with its io) | "dynamic-batch"
 ]
 
 
-def machine() -> dict:
-    import tensorflow as tf
-
-    from edge_effnet.bench import load_average, machine_info
-
-    return {**machine_info(), "tensorflow": tf.__version__,
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "loadavg_start": load_average()}
-
-
-def make_file(variant: str, how, photos: str, folder: str) -> tuple[str, float]:
+def make_file(variant: str, how, folder: str) -> tuple[str, float]:
     """The .tflite file for one case and its conversion time in seconds."""
     from edge_effnet.data import calibration_set
     from edge_effnet.export.api import ExportOptions, export
-    from edge_effnet.variants import get_variant
+    from edge_effnet.model.variants import get_variant
 
     spec = get_variant(variant)
+    photos = os.path.join(folder, f"calib-{spec.resolution}.npy")
+    if not os.path.exists(photos):
+        _common.save_calibration(folder, NUM_CALIB, spec.resolution, os.path.basename(photos))
     if isinstance(how, tuple):
         mode, io = how
-        result = export(ExportOptions(spec=spec, mode=mode, io=io, calib=photos, num_calib=NUM_CALIB,
+        result = export(ExportOptions(spec=spec, weights="none", mode=mode, io=io, calib=photos, num_calib=NUM_CALIB,
                                       output=os.path.join(folder, f"{variant}-{mode}-{io}")))
         record = result.manifest["files"][0]
         return os.path.join(result.output, record["file"]), record["export_seconds"]
-    from edge_effnet.builder import build_model
+    from edge_effnet.model.builder import build_model
 
     images, _ = calibration_set(photos, spec.resolution, NUM_CALIB)
     path = os.path.join(folder, f"{variant}-{how}.tflite")
@@ -99,10 +92,9 @@ def summarize(variant: str, label: str, report: dict, seconds: float) -> dict:
     }
 
 
-def markdown(rows: list[dict], info: dict) -> str:
+def markdown(rows: list[dict]) -> str:
     lines = ["# Edge TPU pre-flight: b0, lite0, edgetpu-s", "",
-             f"{info['date']}, {info['cpu_model']} ({info['cpu_count']} cores), TensorFlow {info['tensorflow']}, "
-             f"load average {info['loadavg_start'][0]:.2f} at start. Made by `benchmarks/edgetpu_preflight.py`; "
+             f"Made by `benchmarks/edgetpu_preflight.py`, calibrated on {_common.photo_note(NUM_CALIB)}; "
              "rules: `edge_effnet/data/edgetpu_ops.json` (Edge TPU compiler 16). `edgetpu_compiler` is not "
              "installable here (x86-64 Linux apt package from Coral), so these are the pre-flight's predictions.", "",
              "| variant | export | ops | quantization | maps fully | first CPU op | ops on TPU | MACs | MAC share on TPU |",
@@ -113,8 +105,8 @@ def markdown(rows: list[dict], info: dict) -> str:
         lines.append(f"| {r['variant']} | {r['export']} | {r['ops_total']} | {r['quantization']} | "
                      f"{'yes' if r['maps_fully'] else 'no'} | {first} | {r['ops_on_edgetpu']} | "
                      f"{r['macs_total'] / 1e6:,.1f}M | {100 * r['mac_share_on_edgetpu']:.1f}% |")
-    from edge_effnet.scaling import count_macs
-    from edge_effnet.variants import get_variant
+    from edge_effnet.model.scaling import count_macs
+    from edge_effnet.model.variants import get_variant
 
     same = all(r["macs_total"] == count_macs(get_variant(r["variant"])) for r in rows)
     lines += ["", "MACs are the multiply-adds of the file's CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED ops, "
@@ -131,40 +123,30 @@ def markdown(rows: list[dict], info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(json_path: str) -> None:
-    """Rewrite the .md from the .json (after a change to the markdown only)."""
-    with open(json_path) as f:
-        saved = json.load(f)
-    with open(os.path.join(RESULTS, "edgetpu_preflight.md"), "w") as f:
-        f.write(markdown(saved["rows"], saved["machine"]))
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    _common.add_lock_argument(parser)
+    parser.add_argument("--out", default=_common.RESULTS, help="folder for edgetpu_preflight.{md,json}")
+    parser.add_argument("--render", action="store_true", help="rewrite the .md from the .json, run nothing")
+    args = parser.parse_args(argv)
+    if args.render:
+        with open(os.path.join(args.out, f"{NAME}.json")) as f:
+            saved = json.load(f)
+        _common.write_markdown(NAME, markdown(saved["rows"]), saved.get("provenance"), args.out)
+        return
+    from edge_effnet.console import import_keras
 
-
-def main():
-    from edge_effnet.bench import load_average
-    from edge_effnet.models import import_keras
-
+    run = _common.start()
     import_keras()
-    info = machine()
-    import skimage.data
-
-    photos = os.path.dirname(skimage.data.__file__)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _common.bench_lock(args.lock):  # convert_s is a timing
         for variant, label, how in CASES:
-            path, seconds = make_file(variant, how, photos, tmp)
+            path, seconds = make_file(variant, how, tmp)
             rows.append(summarize(variant, label, preflight(path), seconds))
             print(rows[-1]["variant"], rows[-1]["export"], rows[-1]["verdict"], file=sys.stderr)
-    info["loadavg_end"] = load_average()
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "edgetpu_preflight.json"), "w") as f:
-        json.dump({"machine": info, "calibration": f"{NUM_CALIB} scikit-image photos",
-                   "weights": "random (untrained)", "rows": rows}, f, indent=1)
-    with open(os.path.join(RESULTS, "edgetpu_preflight.md"), "w") as f:
-        f.write(markdown(rows, info))
+    record = {"calibration": _common.photo_note(NUM_CALIB), "weights": "random (untrained)", "rows": rows}
+    _common.write_results(NAME, record, markdown(rows), run.finish(), args.out)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--render"]:
-        render(os.path.join(RESULTS, "edgetpu_preflight.json"))
-    else:
-        main()
+    main()

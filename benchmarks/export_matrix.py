@@ -3,7 +3,8 @@
 Each (variant, mode) is exported with `edge_effnet.export.api.export` (calibration: 100 real photo
 crops from skimage, edge_effnet.photoset; self-check: 20 of them), then every file is timed with
 edge_effnet.bench (1 thread, pinned to one core, 20 runs, interleaved) in ai-edge-litert (this
-venv) and in tflite-runtime 2.14 (the numpy<2 venv at $EDGE_EFFNET_LEGACY_PYTHON).
+venv) and in tflite-runtime 2.14 (the numpy<2 Python at $EDGE_EFFNET_LEGACY_PYTHON; unset: those
+columns are skipped).
 Agreement = the export's self-check against the Keras float model: lite0 has its real ImageNet
 weights; b0 (no offline weights) has random weights, so its rows are for size and speed only (a
 random EfficientNet's scores are near-uniform and chaotic; even data_init's photo BatchNorm
@@ -11,15 +12,14 @@ statistics left a B0 whose fp32 file has cosine 0.987 to Keras). Also times
 the README's `edge-effnet export --variant b1 --int8` with 100 calibration images as a user runs
 it, once per --weight-correction.
 
-    python benchmarks/export_matrix.py [--variants lite0,b0] [--modes ...]   # takes /work/bench.lock to time
+    python benchmarks/export_matrix.py [--variants lite0,b0] [--modes ...] [--lock FILE]
 
-Writes benchmarks/results/export_matrix.{md,json}.
+Only the timing holds the lock (--lock or $EDGE_EFFNET_BENCH_LOCK). Writes
+benchmarks/results/export_matrix.{md,json} (with the provenance block, benchmarks/_common.py).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 import resource
@@ -28,11 +28,10 @@ import sys
 import tempfile
 import time
 
-import numpy as np
+import _common
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
+ROOT = _common.ROOT
+NAME = "export_matrix"
 WEIGHTS = {"lite0": "imagenet"}  # the others: random (no offline ImageNet weights): timing only
 LEGACY_BENCH = r'''
 import json, sys
@@ -44,35 +43,19 @@ print(json.dumps(record))
 '''
 
 
-def time_files(paths: list[str], cpu: int) -> dict[str, dict]:
-    """{runtime: {path: bench entry}} for ai-edge-litert here and tflite-runtime 2.14 in its venv."""
+def time_files(paths: list[str], cpu: int, legacy: str | None) -> dict[str, dict]:
+    """{runtime: {path: bench entry}} for ai-edge-litert here and tflite-runtime 2.14 in `legacy` (a Python)."""
     from edge_effnet.bench import BenchOptions, Target, benchmark
 
     out = {"ai-edge-litert": {e["path"]: e for e in benchmark(
         [Target(name=p, backend="litert", path=p) for p in paths], BenchOptions(runs=20, threads=1, cpu=cpu))["models"]}}
-    legacy = os.environ.get("EDGE_EFFNET_LEGACY_PYTHON", "/work/venvs/legacy/bin/python")
-    if os.path.exists(legacy):
+    if legacy:
         done = subprocess.run([legacy, "-c", LEGACY_BENCH, str(cpu), *paths], capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": ROOT})
         if done.returncode:
             raise SystemExit(done.stderr)
         out["tflite-runtime"] = {e["path"]: e for e in json.loads(done.stdout.strip().splitlines()[-1])["models"]}
     return out
-
-
-@contextlib.contextmanager
-def bench_lock():
-    """flock on $EDGE_EFFNET_BENCH_LOCK (default /work/bench.lock, when that folder exists)."""
-    path = os.environ.get("EDGE_EFFNET_BENCH_LOCK", "/work/bench.lock")
-    if not os.path.isdir(os.path.dirname(path)):
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def cli_export_b1(folder: str, calib: str, correction: str) -> dict:
@@ -92,22 +75,23 @@ def cli_export_b1(folder: str, calib: str, correction: str) -> dict:
 
 
 def main():
-    from edge_effnet.bench import load_average, machine_info
-    from edge_effnet.export.api import ExportOptions, export
-    from edge_effnet.photoset import calibration_crops, render
-    from edge_effnet.quantize import CORRECTIONS
-    from edge_effnet.variants import get_variant
-
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="lite0,b0")
     parser.add_argument("--modes", default="fp32,fp16,dynamic,int8,int16x8")
     parser.add_argument("--cpu", type=int, default=1)
+    _common.add_lock_argument(parser)
+    parser.add_argument("--out", default=_common.RESULTS, help="folder for export_matrix.{md,json}")
     args = parser.parse_args()
-    load_before = load_average()
+
+    from edge_effnet.export.api import ExportOptions, export
+    from edge_effnet.export.formats import WEIGHT_CORRECTIONS as CORRECTIONS
+    from edge_effnet.model.variants import get_variant
+
+    run = _common.start()
+    legacy = _common.legacy_python("the tflite-runtime 2.14 columns")
     rows, files = [], {}
     with tempfile.TemporaryDirectory() as folder:
-        calib = os.path.join(folder, "crops.npy")
-        np.save(calib, render(calibration_crops(100), 256))
+        calib = _common.save_calibration(folder, 100, 256, "crops.npy")
         for variant in args.variants.split(","):
             for mode in args.modes.split(","):
                 start = time.perf_counter()
@@ -125,8 +109,8 @@ def main():
                              "cosine_mean": round(check["cosine_mean"], 4), "check_images": check["images"],
                              "min_runtime_version": rec["min_runtime_version"]})
                 files[(variant, mode)] = result.paths[0]
-        with bench_lock():  # timing runs never overlap other benchmarks (exports above need no lock)
-            timings = time_files(list(files.values()), args.cpu)
+        with _common.bench_lock(args.lock):  # timing runs never overlap other benchmarks (exports above need no lock)
+            timings = time_files(list(files.values()), args.cpu, legacy)
             b1 = [cli_export_b1(folder, calib, c) for c in CORRECTIONS]
     for row in rows:
         path = files[(row["variant"], row["mode"])]
@@ -139,21 +123,18 @@ def main():
             for r in by_mode.values():
                 for runtime in timings:
                     r[f"{runtime}_speedup_vs_fp32"] = round(by_mode["fp32"][f"{runtime}_ms"] / r[f"{runtime}_ms"], 2)
-    record = {"machine": machine_info(), "load_avg_before": load_before, "load_avg_after": load_average(),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "timing": "1 thread, pinned to CPU "
+    record = {"timing": "1 thread, pinned to CPU "
               f"{args.cpu}, 20 runs after 2 warm-ups, interleaved per runtime (edge_effnet.bench)",
-              "calibration": "100 real photo crops (edge_effnet.photoset), agreement on 20 of them",
-              "rows": rows, "b1_int8_cli_export": b1}
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "export_matrix.json"), "w") as f:
-        json.dump(record, f, indent=1)
+              "calibration": "100 real photo crops (edge_effnet.evaluate.photoset), agreement on 20 of them",
+              "runtimes": list(timings), "rows": rows, "b1_int8_cli_export": b1}
+    provenance = run.finish(legacy=legacy)
     runtimes = list(timings)
     head = ["variant", "mode", "io", "size MB", "convert s", "export s"] + [f"{r} ms" for r in runtimes] + \
         [f"{r} x fp32" for r in runtimes] + ["top-1 agree", "top-5 overlap", "cosine"]
     lines = ["# Export matrix (variant x mode x runtime)", "",
-             f"{record['machine'].get('cpu_model')}, {record['timing']}. Load average before {load_before}, "
-             f"after {record['load_avg_after']} (2 cores shared with other jobs: compare within a column).",
-             f"Runtimes: " + ", ".join(f"{r} {rows[0][r + '_version']}" for r in runtimes) + ". "
+             f"{record['timing']} (on a shared machine compare within a column).",
+             "Runtimes: " + ", ".join(f"{r} {rows[0][r + '_version']}" for r in runtimes)
+             + ("" if legacy else f" (tflite-runtime 2.14 not timed: ${_common.LEGACY_ENV} was not set)") + ". "
              "Agreement: self-check vs the Keras float model on 20 real photo crops (lite0: real ImageNet "
              "weights; b0: random weights, agreement n/a). int8-weight modes use the default "
              "--weight-correction gptq.", "",
@@ -168,8 +149,7 @@ def main():
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "The README's main job with 100 calibration images, in a fresh process as a user runs it:", ""]
     lines += [f"- `{b['command']}`: {b['wall_s']} s wall, {b['cpu_s']} s CPU" for b in b1]
-    with open(os.path.join(RESULTS, "export_matrix.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    _common.write_results(NAME, record, "\n".join(lines) + "\n", provenance, args.out)
     print("\n".join(lines))
 
 

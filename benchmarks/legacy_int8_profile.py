@@ -3,24 +3,27 @@
 Op-level profile by isolation: each op kind of B0 (with B0's own shapes) is exported alone, fp32
 and full-int8, and timed on one pinned core in both runtimes, each with its default delegate
 (XNNPACK) and without it (BUILTIN_WITHOUT_DEFAULT_DELEGATES). Whole B0 and Lite0 files are timed
-the same way. Writes benchmarks/results/legacy_int8_profile.{md,json}.
+the same way. Writes benchmarks/results/legacy_int8_profile.{md,json} (with the provenance block,
+benchmarks/_common.py).
 
-    python benchmarks/legacy_int8_profile.py   # EDGE_EFFNET_LEGACY_PYTHON set; takes /work/bench.lock to time
+    EDGE_EFFNET_LEGACY_PYTHON=.../bin/python python benchmarks/legacy_int8_profile.py [--lock FILE]
+
+Without $EDGE_EFFNET_LEGACY_PYTHON (a Python with tflite-runtime 2.14, numpy<2) only ai-edge-litert
+is timed, and the results say so. Only the timing holds the lock (--lock or $EDGE_EFFNET_BENCH_LOCK).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
 
+import _common
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
+NAME = "legacy_int8_profile"
 RUNS = 20
 
 # (name, input shape, layer builder): B0's most expensive instances of each op kind
@@ -62,7 +65,7 @@ print(json.dumps(out))
 
 
 def op_model(shape, layer):
-    from edge_effnet.models import import_keras
+    from edge_effnet.console import import_keras
 
     keras = import_keras()
     L = keras.layers
@@ -78,13 +81,14 @@ def op_model(shape, layer):
 
 
 def export_all(folder: str) -> dict[str, tuple[str, str]]:
-    from edge_effnet.models import create_model, import_keras
+    from edge_effnet.console import import_keras
+    from edge_effnet.model.keras_io import create_model
 
     import_keras()
     from edge_effnet.export.fold import fold_input_normalization
     from edge_effnet.export.formats import MODES
     from edge_effnet.export.tflite import convert
-    from edge_effnet.variants import get_variant
+    from edge_effnet.model.variants import get_variant
 
     rng = np.random.default_rng(0)
     files = {}
@@ -106,26 +110,30 @@ def export_all(folder: str) -> dict[str, tuple[str, str]]:
     return files
 
 
-def time_in(python: str, runtime: str, paths: list[str]) -> dict:
-    done = subprocess.run([python, "-c", TIMER, "1", runtime, str(RUNS), *paths], capture_output=True, text=True,
+def time_in(python: str, runtime: str, paths: list[str], cpu: int) -> dict:
+    done = subprocess.run([python, "-c", TIMER, str(cpu), runtime, str(RUNS), *paths], capture_output=True, text=True,
                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     if done.returncode:
         raise SystemExit(done.stderr)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main():
-    from edge_effnet.bench import load_average, machine_info
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", type=int, default=1, help="the one CPU the timing processes are pinned to")
+    _common.add_lock_argument(parser)
+    parser.add_argument("--out", default=_common.RESULTS, help="folder for legacy_int8_profile.{md,json}")
+    args = parser.parse_args(argv)
 
-    from export_matrix import bench_lock
-
-    legacy = os.environ.get("EDGE_EFFNET_LEGACY_PYTHON", "/work/venvs/legacy/bin/python")
+    run = _common.start()
+    legacy = _common.legacy_python("the tflite-runtime 2.14 columns (the point of this profile)")
     with tempfile.TemporaryDirectory() as folder:
         files = export_all(folder)
         paths = [p for pair in files.values() for p in pair]
-        with bench_lock():  # only the timing waits for other benchmarks
-            runtimes = {"ai-edge-litert": time_in(sys.executable, "litert", paths),
-                        "tflite-runtime": time_in(legacy, "tflite-runtime", paths)}
+        with _common.bench_lock(args.lock):  # only the timing waits for other benchmarks
+            runtimes = {"ai-edge-litert": time_in(sys.executable, "litert", paths, args.cpu)}
+            if legacy:
+                runtimes["tflite-runtime"] = time_in(legacy, "tflite-runtime", paths, args.cpu)
     rows = []
     for name, (fp32, int8) in files.items():
         row = {"op": name}
@@ -134,20 +142,19 @@ def main():
                 row[f"{rt} {tag} fp32_ms"] = res["ms"][f"{os.path.basename(fp32)} {resolver}"]
                 row[f"{rt} {tag} int8_ms"] = res["ms"][f"{os.path.basename(int8)} {resolver}"]
         rows.append(row)
-    record = {"machine": machine_info(), "load_average": load_average(), "runs": RUNS, "threads": 1, "pinned_cpu": 1,
-              "versions": {rt: res["version"] for rt, res in runtimes.items()}, "rows": rows}
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "legacy_int8_profile.json"), "w") as f:
-        json.dump(record, f, indent=1)
+    record = {"runs": RUNS, "threads": 1, "pinned_cpu": args.cpu,
+              "runtime_versions": {rt: res["version"] for rt, res in runtimes.items()},
+              "legacy_skipped": None if legacy else f"${_common.LEGACY_ENV} not set", "rows": rows}
     cols = [k for k in rows[0] if k != "op"]
     lines = ["# int8 vs fp32 per op kind: ai-edge-litert vs tflite-runtime 2.14 (x86-64, 1 pinned core)", "",
              f"Median of {RUNS} runs, ms. `xnnpack` = the runtime's default (XNNPACK delegate applied where "
              "it takes the ops), `builtin` = BUILTIN_WITHOUT_DEFAULT_DELEGATES. Random weights (timing only). "
-             f"Load average at the end: {load_average()}.", "",
+             "Runtimes: " + ", ".join(f"{rt} {v}" for rt, v in record["runtime_versions"].items()) + "."
+             + ("" if legacy else f" **tflite-runtime 2.14 was not timed** (${_common.LEGACY_ENV} was not set)."),
+             "",
              "| op (B0 shapes) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += ["| " + r["op"] + " | " + " | ".join(f"{r[c]:.2f}" for c in cols) + " |" for r in rows]
-    with open(os.path.join(RESULTS, "legacy_int8_profile.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    _common.write_results(NAME, record, "\n".join(lines) + "\n", run.finish(legacy=legacy), args.out)
     print("\n".join(lines))
 
 

@@ -11,36 +11,32 @@ weights can be fetched here): its rows are for size and speed; its agreement fig
 (near-uniform scores; a B0 given photo BatchNorm statistics by models.data_init is chaotic enough
 that even its fp32 file reaches only cosine 0.985 to Keras, so it cannot stand in either).
 
-    python benchmarks/onnx_matrix.py --lock /work/bench.lock [--quick]
+    python benchmarks/onnx_matrix.py [--lock FILE] [--quick]
 
-Only the timing holds the lock (fcntl), so conversions overlap other work but timings never do.
+Only the timing holds the lock (--lock or $EDGE_EFFNET_BENCH_LOCK), so conversions overlap other
+work but timings never do.
 
-Writes benchmarks/results/onnx_matrix.{md,json}.
+Writes benchmarks/results/onnx_matrix.{md,json} (with the provenance block, benchmarks/_common.py).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import fcntl
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import _common
 
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
+NAME = "onnx_matrix"
 MODELS = [("b0", "none"), ("lite0", "imagenet")]
 MODES = ("fp32", "int8")
 
 
 def keras_model(variant: str, weights: str, calib):
-    from edge_effnet.models import create_model, data_init, import_keras
-    from edge_effnet.variants import get_variant
+    from edge_effnet.console import import_keras
+    from edge_effnet.model.keras_io import create_model, data_init
+    from edge_effnet.model.variants import get_variant
 
     import_keras().utils.set_random_seed(0)
     if weights == "data-init":
@@ -63,51 +59,35 @@ def torch_lite0_onnx(path: str) -> None:
                       output_names=["logits"], dynamo=False)
 
 
-@contextlib.contextmanager
-def locked(path: str | None):
-    """Hold the benchmark lock (no lock without a path)."""
-    if not path:
-        yield
-        return
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="lite0 only, 50 check crops, 10 runs")
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--check", type=int, default=200, help="held-out photo crops for agreement")
-    parser.add_argument("--lock", help="a lock file held while timing (e.g. /work/bench.lock)")
+    _common.add_lock_argument(parser)
+    parser.add_argument("--out", default=_common.RESULTS, help="folder for onnx_matrix.{md,json}")
     args = parser.parse_args()
     models = MODELS[1:] if args.quick else MODELS
     runs, check_count = (10, 50) if args.quick else (args.runs, args.check)
 
-    from edge_effnet.bench import BenchOptions, Target, benchmark, load_average, machine_info
+    from edge_effnet.bench import BenchOptions, Target, benchmark
     from edge_effnet.export.api import ExportOptions, export
     from edge_effnet.export.selfcheck import reference_scores, selfcheck
-    from edge_effnet.photoset import calibration_crops, evaluation_crops, render, write_photoset
 
-    started = time.time()
-    record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine_info(), "python": platform.python_version(), "load_avg_start": load_average(),
-              "calibration": "100 photo crops (edge_effnet.photoset.calibration_crops)",
-              "check": f"{check_count} held-out photo crops (edge_effnet.photoset.evaluation_crops)",
+    run = _common.start()
+    started = run.started
+    record = {"calibration": _common.photo_note(100),
+              "check": f"{check_count} held-out photo crops (edge_effnet.evaluate.photoset.evaluation_crops)",
               "timing": f"bench.benchmark, batch 1, 1 thread, CPU 0, {runs} interleaved runs after 3 warm-up",
               "rows": []}
     with tempfile.TemporaryDirectory(prefix="onnx-matrix-") as work:
-        calib_dir = os.path.join(work, "calib")
-        write_photoset(calib_dir, calibration_crops(100), 224)
         for variant, weights in models:
-            from edge_effnet.variants import get_variant
+            from edge_effnet.model.variants import get_variant
 
             resolution = get_variant(variant).resolution
-            calib = render(calibration_crops(100), resolution)
-            held_out = render(evaluation_crops(check_count), resolution)
+            calib_file = _common.save_calibration(work, 100, resolution, f"calib-{resolution}.npy")  # --calib FILE
+            calib = _common.calibration_images(100, resolution)
+            held_out = _common.evaluation_images(check_count, resolution)
             model = keras_model(variant, weights, calib)
             keras_path = os.path.join(work, f"{variant}.keras")
             model.save(keras_path)
@@ -117,7 +97,7 @@ def main() -> None:
                 out = os.path.join(work, f"{variant}-{mode}")
                 print(f"[{time.time() - started:6.0f} s] export {variant} {mode} tflite,onnx", file=sys.stderr)
                 result = export(ExportOptions(model_path=keras_path, mode=mode, formats=("tflite", "onnx"),
-                                              calib=calib_dir, output=out), echo=lambda line: None)
+                                              calib=calib_file, output=out), echo=lambda line: None)
                 for rec, path in zip(result.manifest["files"], result.paths):
                     files.append((rec["format"], mode, path, rec["export_seconds"], "edge_effnet"))
             if variant == "lite0" and weights == "imagenet":
@@ -127,14 +107,14 @@ def main() -> None:
                     print(f"[{time.time() - started:6.0f} s] onnx2tf lite0 {mode}", file=sys.stderr)
                     out = os.path.join(work, f"lite0-torch-{mode}")
                     result = export(ExportOptions(model_path=onnx_path, mode=mode, formats=("tflite",),
-                                                  normalization="lite", calib=calib_dir, output=out),
+                                                  normalization="lite", calib=calib_file, output=out),
                                     echo=lambda line: None)
                     files.append(("tflite", mode, result.paths[0], result.manifest["files"][0]["export_seconds"],
                                   "torch.onnx + onnx2tf"))
             print(f"[{time.time() - started:6.0f} s] agreement + timing {variant}", file=sys.stderr)
             # as probabilities: the PyTorch model (onnx2tf rows) gives logits
             figures = [selfcheck(path, held_out, reference, as_probabilities=True) for _, _, path, _, _ in files]
-            with locked(args.lock):
+            with _common.bench_lock(args.lock):
                 timing = benchmark([Target(name=os.path.basename(p), backend="auto", path=p)
                                     for _, _, p, _, _ in files], BenchOptions(runs=runs, warmup=3, threads=1, cpu=0))
             for (fmt, mode, path, seconds, via), fig, t in zip(files, figures, timing["models"]):
@@ -146,36 +126,15 @@ def main() -> None:
                     "top5_overlap": fig["top5_overlap"], "cosine_mean": round(fig["cosine_mean"], 5),
                     "max_abs_diff": fig["max_abs_diff"], "input": f"{fig['input']['dtype']} {fig['input']['shape']}",
                     "load_avg": timing["load_avg_before"]})
-            write(record, started)  # after each model: a stopped run keeps what it measured
+            # after each model: a stopped run keeps what it measured
+            _common.write_results(NAME, record, markdown(record), run.finish(), args.out)
     print(markdown(record))
 
 
-def write(record: dict, started: float) -> None:
-    import onnxruntime
-    import tensorflow
-
-    from edge_effnet.bench import load_average
-
-    record["load_avg_end"] = load_average()
-    record["seconds"] = round(time.time() - started, 1)
-    record["versions"] = {"tensorflow": tensorflow.__version__, "onnxruntime": onnxruntime.__version__}
-    for module in ("tf2onnx", "onnx2tf", "ai_edge_litert", "onnx"):
-        mod = sys.modules.get(module)
-        record["versions"][module] = getattr(mod, "__version__", "unknown") if mod else "not used"
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "onnx_matrix.json"), "w") as f:
-        json.dump(record, f, indent=1)
-    with open(os.path.join(RESULTS, "onnx_matrix.md"), "w") as f:
-        f.write(markdown(record))
-
-
 def markdown(record: dict) -> str:
-    m = record["machine"]
     lines = ["# Export matrix: LiteRT and ONNX Runtime, float and int8", "",
-             f"{record['date']}, {m.get('cpu_model')}, Python {record['python']}, "
-             + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + ".",
-             f"Load average at start {record['load_avg_start']}, at end {record['load_avg_end']} (2 cores shared: "
-             "absolute times are noisy; ratios within one model's block were timed interleaved).",
+             "On a shared machine absolute times are noisy; ratios within one model's block were timed "
+             "interleaved (each row's load average is in the .json).",
              f"Timing: {record['timing']}. Agreement: {record['check']} against the Keras float model. "
              f"Calibration: {record['calibration']}.", "",
              "| model | weights | format | mode | made by | runtime | input | size MB | export s | mean ms | p50 ms "

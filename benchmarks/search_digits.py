@@ -10,15 +10,14 @@ as a user runs it, and this script checks and records the outcome:
   read from the built Keras model (the search itself refuses to go on when they differ);
 - held-out accuracy of every candidate against chance (10%).
 
-Outputs: benchmarks/results/search_digits.{md,json,png}. Run it under the benchmark lock:
+Outputs: benchmarks/results/search_digits.{md,json,png} (with the provenance block,
+benchmarks/_common.py). The search runs under the benchmark lock (--lock or $EDGE_EFFNET_BENCH_LOCK):
 
-    flock /work/bench.lock python benchmarks/search_digits.py [--per-class 100] [--epochs 6]
+    python benchmarks/search_digits.py [--lock FILE] [--per-class 100] [--epochs 6]
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
 import json
 import os
 import resource
@@ -28,25 +27,16 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import _common
+
+ROOT = _common.ROOT
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
+NAME = "search_digits"
 
-from digits_folder import write_digits  # noqa: E402
-from edge_effnet.bench import load_average, machine_info  # noqa: E402
-from edge_effnet.scaling import count_macs  # noqa: E402
-from edge_effnet.search import SearchConfig, candidate_spec  # noqa: E402
+from digits_folder import write_digits
 
-
-def versions() -> dict:
-    out = {}
-    for name in ("tensorflow", "keras", "keras-tuner", "ai-edge-litert", "numpy", "scikit-learn"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+from edge_effnet.model.scaling import count_macs
+from edge_effnet.train.search import SearchConfig, candidate_spec
 
 
 def main() -> int:
@@ -59,26 +49,28 @@ def main() -> int:
     parser.add_argument("--base-resolution", type=int, default=32)
     parser.add_argument("--family", default="efficientnet")
     parser.add_argument("--keep", help="keep the run folder here")
+    _common.add_lock_argument(parser)
+    parser.add_argument("--out", default=_common.RESULTS, help="folder for search_digits.{md,json,png}")
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="search-digits-")
-    data, run = os.path.join(work, "digits"), args.keep or os.path.join(work, "run")
+    data, run_dir = os.path.join(work, "digits"), args.keep or os.path.join(work, "run")
     images = write_digits(data, size=args.base_resolution, per_class=args.per_class)
     cmd = [sys.executable, "-m", "edge_effnet", "search", "--data", data, "--grid-step", str(args.grid_step),
            "--tolerance", str(args.tolerance), "--base-resolution", str(args.base_resolution),
-           "--family", args.family, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "-o", run]
+           "--family", args.family, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "-o", run_dir]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    load_before = load_average()
-    started = datetime.datetime.now().isoformat(timespec="seconds")
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall_s = time.perf_counter() - t0
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    load_after = load_average()
+    with _common.bench_lock(args.lock):  # the wall time is a measurement
+        run = _common.start()
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        wall_s = time.perf_counter() - t0
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        provenance = run.finish()
     if proc.returncode != 0:
         print(proc.stderr, file=sys.stderr)
         return proc.returncode
-    with open(os.path.join(run, "results.json")) as f:
+    with open(os.path.join(run_dir, "results.json")) as f:
         report = json.load(f)
 
     config = SearchConfig(base_resolution=args.base_resolution, family=args.family)
@@ -89,9 +81,7 @@ def main() -> int:
                            equal=r["macs"] == r["macs_model"] == analytic))
     accuracies = [r["accuracy"] for r in report["ranking"]]
     record = dict(
-        benchmark="search_digits", date=started, machine=machine_info(), versions=versions(),
-        load_average_before=load_before, load_average_after=load_after,
-        command=" ".join(["edge-effnet"] + cmd[3:]).replace(data, "DIGITS").replace(run, "RUN"),
+        search_command=" ".join(["edge-effnet"] + cmd[3:]).replace(data, "DIGITS").replace(run_dir, "RUN"),
         data=dict(source="sklearn.datasets.load_digits", images=images, per_class=args.per_class,
                   size=f"{args.base_resolution}x{args.base_resolution} RGB (bicubic from 8x8)"),
         candidates=len(report["ranking"]), wall_s=round(wall_s, 1),
@@ -101,23 +91,19 @@ def main() -> int:
         best=report["best"], step2=report["step2"], ranking=report["ranking"], normalizer=report["normalizer"])
     for r in record["ranking"]:
         r.pop("history", None)
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "search_digits.json"), "w") as f:
-        json.dump(record, f, indent=1)
-    shutil.copyfile(os.path.join(run, "accuracy_vs_cost.png"), os.path.join(RESULTS, "search_digits.png"))
-    with open(os.path.join(run, "results.md")) as f:
+    os.makedirs(args.out, exist_ok=True)
+    shutil.copyfile(os.path.join(run_dir, "accuracy_vs_cost.png"), os.path.join(args.out, "search_digits.png"))
+    with open(os.path.join(run_dir, "results.md")) as f:
         table = f.read().split("\n", 2)[2]
     md = [
         "# Compound-coefficient search on scikit-learn's digits",
         "",
-        f"{started}, {record['machine']['cpu_model']} ({record['machine']['cpu_count']} cores, shared), "
-        f"TensorFlow {record['versions']['tensorflow']}, Keras {record['versions']['keras']}, "
-        f"KerasTuner {record['versions']['keras-tuner']}.",
-        f"Load average before {load_before}, after {load_after} (2 cores: above 2 means other work was running).",
+        f"The provenance above brackets the search alone: a load average over {provenance['machine']['cpu_count']} "
+        "(the core count) means other work was running.",
         "",
         f"Data: {images} digits ({args.per_class} per class), 8x8 upsampled to {args.base_resolution} px RGB; "
         "20% of every class held out.",
-        f"Command: `{record['command']}`",
+        f"Search command: `{record['search_command']}`",
         "",
         f"**{len(accuracies)} candidates in {wall_s / 60:.1f} min wall** ({'under' if wall_s < 900 else 'over'} "
         f"15 min), {record['cpu_s'] / 60:.1f} min of CPU time. Held-out accuracy "
@@ -129,8 +115,7 @@ def main() -> int:
         "![accuracy vs MACs](search_digits.png)",
         "",
     ]
-    with open(os.path.join(RESULTS, "search_digits.md"), "w") as f:
-        f.write("\n".join(md))
+    _common.write_results(NAME, record, "\n".join(md), provenance, args.out)
     print("\n".join(md))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

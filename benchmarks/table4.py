@@ -7,43 +7,43 @@ Here: ResNet-152 from keras.applications (random weights: latency does not depen
 against B1, both batch 1, timed with `edge-effnet bench` in a fresh process pinned to one CPU
 (os.sched_setaffinity) with one thread, interleaved, 20 timed runs:
   - TensorFlow (Keras 3 model under tf.function, 1 intra-op + 1 inter-op thread), like the paper;
-  - TFLite float32 and full-integer int8 (uint8 in/out, calibrated on scikit-image photos),
-    run by ai-edge-litert with num_threads=1.
+  - TFLite float32 and full-integer int8 (uint8 in/out, calibrated on 100 crops of scikit-image's
+    photos), run by ai-edge-litert with num_threads=1.
 GPipe (556M parameters, a pipeline-parallel AmoebaNet) cannot be built here, so B7 is reported
 on its own. B0-B7 are timed in TensorFlow (the paper's setting) in one interleaved run; TFLite
 float B0-B4 is timed too (B5-B7 only with --tflite-all: their conversions take minutes each).
 
-Conversions use the project's exporter (edge_effnet.export.tflite.convert, frozen graph, batch 1).
-Timing runs hold --lock (fcntl) so benchmarks on a shared machine never overlap; conversions
-do not. Outputs: benchmarks/results/table4.{md,json,png}.
+Every .tflite file is made by the path `edge-effnet export --format tflite` takes (edge_effnet.export.api
+.export: batch 1, input normalization folded into the stem, GPTQ-rounded int8 weights, measured activation
+ranges, self-checked): what a user gets. Conversions are cached in --workdir under a key of the
+code's content (every file of edge_effnet/), the tool versions, the export options and the inputs'
+content, so a cached file is reused only when a fresh conversion would make the same file.
+Timing runs hold --lock (or $EDGE_EFFNET_BENCH_LOCK) so benchmarks on a shared machine never
+overlap; conversions do not. Outputs: benchmarks/results/table4.{md,json,png} (with the provenance
+block, benchmarks/_common.py).
 
-    python benchmarks/table4.py --lock /work/bench.lock [--cpu 1] [--tflite-all]
+    python benchmarks/table4.py [--lock FILE] [--cpu 1] [--tflite-all]
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import fcntl
-import importlib.metadata
+import dataclasses
+import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import _common
+
+ROOT = _common.ROOT
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from edge_effnet.bench import cpu_model, load_average  # noqa: E402  (light: no TensorFlow)
-
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
+NAME = "table4"
 B_SERIES = [f"b{i}" for i in range(8)]
-PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-          "motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png"]
+NUM_CALIB = 100  # as `edge-effnet export` (export.api.NUM_CALIB)
 
 # Paper Table 4 (seconds) and Table 2 (params, FLOPS = multiply-adds)
 PAPER = {
@@ -58,24 +58,18 @@ PAPER = {
 
 
 def log(msg: str) -> None:
-    print(f"[table4 {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    _common.log(NAME, msg)
 
 
 # ---------------------------------------------------------------- models (untimed)
 
-def photos(resolution: int):
-    """Real photos from scikit-image, center-cropped to `resolution`, each also mirrored."""
-    import numpy as np
-    import skimage.data
-    from PIL import Image
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    from edge_effnet.data import load_image
 
-    folder = os.path.dirname(skimage.data.__file__)
-    images = [load_image(os.path.join(folder, p), resolution) for p in PHOTOS
-              if os.path.exists(os.path.join(folder, p))]
-    images += [np.asarray(Image.fromarray(a).transpose(Image.FLIP_LEFT_RIGHT)) for a in images]
-    return np.stack(images)
+def file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def keras_macs(model) -> int:
@@ -99,85 +93,117 @@ def keras_macs(model) -> int:
 
 def build(name: str):
     """A batch-1 Keras model: ResNet-152 (keras.applications, random weights) or a variant."""
-    from edge_effnet.models import create_model, import_keras
-    from edge_effnet.variants import get_variant
+    from edge_effnet.console import import_keras
+    from edge_effnet.model.keras_io import create_model
+    from edge_effnet.model.variants import get_variant
 
     keras = import_keras()
+    keras.utils.set_random_seed(0)  # the same random weights every run (a cached .keras is then the same file)
     if name == "resnet152":
         return keras.applications.ResNet152(weights=None, input_tensor=keras.Input((224, 224, 3), batch_size=1))
     return create_model(get_variant(name), batch_size=1)
 
 
-def to_tflite(model, path: str, int8: bool, resolution: int) -> None:
-    """The project's TFLite export converter (edge_effnet.export.tflite, as `edge-effnet export`):
-    float32, or full-integer int8 with uint8 input/output calibrated on real photos."""
-    from edge_effnet.export.formats import get_mode
-    from edge_effnet.export.tflite import convert
-    from edge_effnet.fsutil import atomic_file
+def export_tflite(name: str, kind: str, work: str, calib: str, code: str, keras_path: str | None = None
+                  ) -> tuple[str, dict]:
+    """`edge-effnet export --format tflite --KIND --calib CALIB` of variant `name` (or of the .keras file
+    `keras_path`): the .tflite path and facts about the conversion. Cached in `work` under a key of the code's
+    content, the tool versions, the options and the content of the calibration images and the model file."""
+    from edge_effnet.export.api import ExportOptions, export
+    from edge_effnet.export.bundle import MANIFEST
+    from edge_effnet.model.variants import get_variant
 
-    data = convert(model, get_mode("int8"), "uint8", photos(resolution)) if int8 else \
-        convert(model, get_mode("fp32"))
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
+    options = ExportOptions(spec=None if keras_path else get_variant(name), model_path=keras_path,
+                            weights="none" if keras_path is None else None,  # random: latency does not depend on them
+                            mode=kind, formats=("tflite",), calib=calib, num_calib=NUM_CALIB)
+    if "accept_low_fidelity" in {f.name for f in dataclasses.fields(ExportOptions)}:
+        # random weights: the table times files, a fidelity floor on a random model's scores says nothing
+        options = dataclasses.replace(options, accept_low_fidelity=True)
+    key = digest({"code": code, "versions": _common.versions(), "calib": file_digest(calib),
+                  "model": file_digest(keras_path) if keras_path else name,
+                  "options": dataclasses.asdict(dataclasses.replace(options, model_path=None, calib=None))})
+    out = os.path.join(work, f"{name}_{kind}-{key}")
+    cached = os.path.exists(os.path.join(out, MANIFEST))
+    if cached:
+        with open(os.path.join(out, MANIFEST)) as fh:
+            manifest = json.load(fh)
+        log(f"{name} {kind}: cached conversion {os.path.basename(out)} (same code, options and inputs)")
+    else:
+        start = time.perf_counter()
+        manifest = export(dataclasses.replace(options, output=out), echo=lambda line: log(f"{name} {kind}: {line}")
+                          ).manifest
+        log(f"exported {name} {kind} in {time.perf_counter() - start:.0f} s")
+    rec = manifest["files"][0]
+    calibration = manifest.get("calibration") or {}
+    if calibration.get("source"):
+        calibration = {**calibration, "source": os.path.basename(calibration["source"])}  # no machine path
+    return os.path.join(out, rec["file"]), {
+        "cache_key": key, "cached": cached, "export_seconds": rec["export_seconds"], "io": rec["io"],
+        "weight_correction": rec.get("weight_correction"), "graph_rewrites": manifest.get("graph_rewrites"),
+        "calibration": calibration, "selfcheck_cosine_mean": rec["selfcheck"].get("cosine_mean")}
 
 
 def prepare(work: str, tflite_names: list[str]) -> dict:
-    """Build and convert everything (skipping files already in `work`); returns model facts."""
-    from edge_effnet.scaling import count_macs, count_params
-    from edge_effnet.variants import get_variant
+    """Build and export everything (reusing what `work` holds under the same key); returns model facts."""
+    from edge_effnet.model.scaling import count_macs, count_params
+    from edge_effnet.model.variants import get_variant
 
-    facts = {}
+    code = _common.code_version()
+    facts, calib = {}, {}
     for name in ["resnet152"] + B_SERIES:
         spec = None if name == "resnet152" else get_variant(name)
-        needs = {"keras": name == "resnet152", "fp32": name in tflite_names or name in ("resnet152", "b1"),
-                 "int8": name in ("resnet152", "b1")}
-        paths = {"keras": os.path.join(work, f"{name}.keras"), "fp32": os.path.join(work, f"{name}_fp32.tflite"),
-                 "int8": os.path.join(work, f"{name}_int8.tflite")}
-        facts_path = os.path.join(work, f"{name}.facts.json")
-        todo = [k for k, on in needs.items() if on and not os.path.exists(paths[k])]
-        if todo or not os.path.exists(facts_path):
-            log(f"building {name} (batch 1) for {', '.join(todo) or 'facts'}")
+        kinds = [k for k, on in (("fp32", name in tflite_names or name in ("resnet152", "b1")),
+                                 ("int8", name in ("resnet152", "b1"))) if on]
+        folder = os.path.join(work, f"{name}-{digest({'code': code, 'versions': _common.versions()})}")
+        os.makedirs(folder, exist_ok=True)
+        facts_path, keras_path = os.path.join(folder, "facts.json"), os.path.join(folder, f"{name}.keras")
+        needs_keras = name == "resnet152" and not os.path.exists(keras_path)
+        if needs_keras or not os.path.exists(facts_path):
+            log(f"building {name} (batch 1) for its facts" + (" and its .keras file" if needs_keras else ""))
             model = build(name)
             f = {"params": int(model.count_params()), "macs": keras_macs(model),
                  "resolution": int(model.inputs[0].shape[1])}
             if spec is not None:
                 f.update(params_analytic=count_params(spec), macs_analytic=count_macs(spec))
-            with open(facts_path, "w") as fh:
-                json.dump(f, fh)
-            if "keras" in todo:
-                model.save(paths["keras"])
-            for kind in ("fp32", "int8"):
-                if kind in todo:
-                    start = time.perf_counter()
-                    to_tflite(model, paths[kind], kind == "int8", f["resolution"])
-                    log(f"converted {name} {kind} in {time.perf_counter() - start:.0f} s")
+            if needs_keras:
+                from edge_effnet.fsutil import atomic_file
+
+                with atomic_file(keras_path) as tmp:
+                    model.save(tmp)
+            from edge_effnet.fsutil import write_json
+
+            write_json(facts_path, f)
             del model
         with open(facts_path) as fh:
-            facts[name] = json.load(fh) | {k: paths[k] for k, on in needs.items() if on}
-        for kind in ("fp32", "int8"):
-            if kind in facts[name]:
-                facts[name][f"{kind}_size_mb"] = round(os.path.getsize(paths[kind]) / 1e6, 3)
+            facts[name] = json.load(fh)
+        if name == "resnet152":
+            facts[name]["keras"] = keras_path
+        resolution = facts[name]["resolution"]
+        if resolution not in calib:  # written afresh each run; the cache keys hold its content
+            calib[resolution] = _common.save_calibration(work, NUM_CALIB, resolution, f"calib-{resolution}.npy")
+        for kind in kinds:
+            path, conversion = export_tflite(name, kind, work, calib[resolution], code,
+                                             keras_path if name == "resnet152" else None)
+            facts[name][kind] = path
+            facts[name][f"{kind}_size_mb"] = round(os.path.getsize(path) / 1e6, 3)
+            facts[name][f"{kind}_conversion"] = conversion
     return facts
 
 
+def portable_facts(facts: dict) -> dict:
+    """`facts` with file names instead of paths (results files carry no machine paths)."""
+    return {name: {k: os.path.basename(v) if k in ("keras", "fp32", "int8") else v for k, v in f.items()}
+            for name, f in facts.items()}
+
+
+def portable_record(record: dict) -> dict:
+    """A bench record with file names instead of paths."""
+    out = dict(record)
+    out["models"] = [{**m, "path": os.path.basename(m["path"])} if m.get("path") else m for m in record["models"]]
+    return out
+
+
 # ---------------------------------------------------------------- timing (locked, pinned, own process)
-
-@contextlib.contextmanager
-def bench_lock(path: str | None):
-    if not path:
-        yield
-        return
-    with open(path, "a") as fh:
-        start = time.perf_counter()
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        waited = time.perf_counter() - start
-        if waited > 1:
-            log(f"waited {waited:.0f} s for {path}")
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
 
 def run_bench(models: list[str], args, label: str) -> dict:
     """`edge-effnet bench MODELS --cpu K --threads 1 --runs N --json` in a fresh process."""
@@ -186,7 +212,7 @@ def run_bench(models: list[str], args, label: str) -> dict:
         cmd = [sys.executable, "-m", "edge_effnet", "bench", *models, "--cpu", str(args.cpu), "--threads", "1",
                "--runs", str(args.runs), "--warmup", str(args.warmup), "--json", out]
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        with bench_lock(args.lock):
+        with _common.bench_lock(args.lock):
             log(f"timing {label}: {' '.join(os.path.basename(m) for m in models)}")
             start = time.perf_counter()
             done = subprocess.run(cmd, env=env, text=True, capture_output=True)
@@ -199,16 +225,6 @@ def run_bench(models: list[str], args, label: str) -> dict:
 
 
 # ---------------------------------------------------------------- report
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for dist in ("tensorflow", "keras", "ai-edge-litert", "numpy"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
 
 def by_name(record: dict) -> dict:
     return {m["name"]: m for m in record["models"]}
@@ -291,13 +307,11 @@ def plot(summary: dict, path: str) -> None:
 
 
 def markdown(result: dict) -> str:
-    s, m = result["summary"], result["machine"]
+    s = result["summary"]
     pairs = s["pairs"]
     out = ["# Table 4 reproduction: ResNet-152 vs EfficientNet-B1 (and B7), batch 1, one core", "",
-           f"Date {result['date']}; {m['cpu_model']} ({m['cpu_count']} CPUs, {m['platform']}); timing pinned to "
-           f"CPU {result['settings']['cpu']} with one thread; {result['settings']['runs']} timed runs per model after "
-           f"{result['settings']['warmup']} warm-up runs, models interleaved (A B A B ...). Versions: "
-           + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".",
+           f"Timing pinned to CPU {result['settings']['cpu']} with one thread; {result['settings']['runs']} timed "
+           f"runs per model after {result['settings']['warmup']} warm-up runs, models interleaved (A B A B ...).",
            "Load average (1, 5, 15 min) at the start of each timing run: "
            + "; ".join(f"{k} {r['load_avg_before']}" for k, r in result["records"].items() if r) + ". "
            "This machine is shared (2 CPUs, several jobs): absolute times are noisy, ratios from one interleaved "
@@ -305,8 +319,10 @@ def markdown(result: dict) -> str:
            f"Paper setting: {PAPER['setting']}. ResNet-152 here: keras.applications, random weights "
            f"({s['resnet152']['params']:,} params, {s['resnet152']['macs'] / 1e9:.2f}B MACs; paper 60M, 11B); "
            "EfficientNets from edge_effnet's builder (random weights: latency does not depend on them). "
+           "TFLite files are made by `edge-effnet export` (export.api.export: stem normalization folded, GPTQ int8 "
+           "weights, measured activation ranges, self-checked), as a user gets them. "
            "int8 = full-integer quantization, uint8 input/output, calibrated on "
-           f"{result['settings']['calibration_images']} scikit-image photos (9 photos and their mirror images).", "",
+           f"{_common.photo_note(result['settings']['calibration_images'])}.", "",
            "## ResNet-152 vs EfficientNet-B1", "",
            "| runtime | ResNet-152 mean ms (std) | B1 mean ms (std) | ResNet-152 / B1 measured | paper |",
            "|---|---|---|---|---|"]
@@ -338,7 +354,8 @@ def markdown(result: dict) -> str:
             "the paper's latency is a TensorFlow one; `--tflite-all` adds them.", "",
             "![latency vs parameters](table4.png)", "",
             "Every run's time is in table4.json (`records`: the `edge-effnet bench --json` records). "
-            "Reproduce: `python benchmarks/table4.py --lock /work/bench.lock` (conversions are cached in --workdir)."]
+            "Reproduce: `python benchmarks/table4.py [--lock FILE]` (conversions are cached in --workdir under a "
+            "key of the code's content, the tool versions, the export options and the inputs' content)."]
     return "\n".join(out) + "\n"
 
 
@@ -348,45 +365,38 @@ def main(argv=None) -> None:
     p.add_argument("--cpu", type=int, default=allowed[-1], help="CPU to pin the timing processes to")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--lock", help="file to flock around timing runs (e.g. /work/bench.lock)")
+    _common.add_lock_argument(p)
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "edge_effnet_table4"),
-                   help="where built/converted models are kept between runs")
+                   help="where built/exported models are kept between runs (keyed by code, options and inputs)")
     p.add_argument("--tflite-all", action="store_true", help="also convert and time B5-B7 in TFLite")
-    p.add_argument("--report-only", action="store_true", help="rewrite the report from the records kept in --workdir")
-    p.add_argument("--out", default=RESULTS)
+    p.add_argument("--report-only", action="store_true", help="rewrite table4.md and table4.png from table4.json")
+    p.add_argument("--out", default=_common.RESULTS)
     args = p.parse_args(argv)
+    if args.report_only:
+        with open(os.path.join(args.out, f"{NAME}.json")) as fh:
+            saved = json.load(fh)
+        _common.write_markdown(NAME, markdown(saved), saved.get("provenance"), args.out)
+        plot(saved["summary"], os.path.join(args.out, "table4.png"))
+        return
     os.makedirs(args.workdir, exist_ok=True)
-    os.makedirs(args.out, exist_ok=True)
     tflite_names = B_SERIES if args.tflite_all else B_SERIES[:5]
 
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    run = _common.start()
     facts = prepare(args.workdir, tflite_names)
     runs = {"pair_tensorflow": [facts["resnet152"]["keras"], "b1"],
             "pair_tflite": [facts[n][k] for k in ("fp32", "int8") for n in ("resnet152", "b1")],
             "b0_b7_tensorflow": B_SERIES,
             "b0_b7_tflite": [facts[n]["fp32"] for n in tflite_names]}
-    records = {}
-    for key, models in runs.items():  # each record is kept, so --report-only can redo the report
-        saved = os.path.join(args.workdir, f"record_{key}.json")
-        if not (args.report_only and os.path.exists(saved)):
-            with open(saved, "w") as fh:
-                json.dump(run_bench(models, args, key), fh)
-        with open(saved) as fh:
-            records[key] = json.load(fh)
-    started = records["pair_tensorflow"]["date"]
-    result = {"date": started, "machine": records["pair_tflite"]["machine"] | {"cpu_model": cpu_model()},
-              "versions": versions(), "load_avg_end": load_average(),
-              "settings": {"cpu": args.cpu, "runs": args.runs, "warmup": args.warmup, "threads": 1, "batch": 1,
-                           "tflite_variants": tflite_names, "calibration_images": len(photos(32))},
-              "paper": PAPER, "facts": facts}
+    records = {key: portable_record(run_bench(models, args, key)) for key, models in runs.items()}
+    result = {"settings": {"cpu": args.cpu, "runs": args.runs, "warmup": args.warmup, "threads": 1, "batch": 1,
+                           "tflite_variants": tflite_names, "calibration_images": NUM_CALIB,
+                           "conversion": "edge_effnet.export.api.export (as `edge-effnet export --format tflite`)"},
+              "paper": PAPER, "facts": portable_facts(facts)}
     result["summary"] = summarize(facts, records)
     result["records"] = records
-    with open(os.path.join(args.out, "table4.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
-    with open(os.path.join(args.out, "table4.md"), "w") as fh:
-        fh.write(markdown(result))
+    _common.write_results(NAME, result, markdown(result), run.finish(), args.out)
     plot(result["summary"], os.path.join(args.out, "table4.png"))
-    log(f"wrote {args.out}/table4.md, table4.json, table4.png")
+    log(f"wrote {os.path.join(args.out, 'table4')}.md, .json, .png")
     print(markdown(result))
 
 

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 
+from .console import progress
 from .errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -43,59 +44,61 @@ def center_crop_resize(img, resolution: int, crop_fraction: float | None = None)
 
 
 def load_image(path: str, resolution: int, crop_fraction: float | None = None) -> np.ndarray:
-    """One image file as model input pixels; UserError if it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+    """One image file as model input pixels; UserError "PATH unreadable: REASON" if it cannot be.
+
+    Whatever Pillow raises for a file (truncated, not an image, a decompression bomb, a mode it
+    cannot convert, out of memory) makes the file unreadable, never the command's end.
+    """
+    import warnings
+
+    from PIL import Image
 
     try:
-        with Image.open(path) as img:
-            img.load()
-            return center_crop_resize(img, resolution, crop_fraction)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}") from None
-
-
-def progress(items, label: str, total: int | None = None):
-    """A progress bar on stderr (click's) for long loops; silent when stderr is not a terminal
-    (click would print the bare label there, and an error must stay one line)."""
-    import click
-
-    if not sys.stderr.isatty():
-        return _SilentBar(items)
-    return click.progressbar(items, label=label, length=total, file=sys.stderr, show_pos=True)
-
-
-class _SilentBar:
-    """What progress() gives off a terminal: iterates `items` and takes update() calls like click's bar."""
-
-    def __init__(self, items):
-        self.items, self.pos = items, 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def __iter__(self):
-        return iter(self.items)
-
-    def update(self, steps: int, current_item=None) -> None:
-        self.pos += steps
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a reason, not a stderr line
+            with Image.open(path) as img:
+                img.load()
+                return center_crop_resize(img, resolution, crop_fraction)
+    except IsADirectoryError:
+        raise UserError(f"{path} unreadable: it is a folder") from None
+    except Exception as exc:  # noqa: BLE001 -- any decoder failure is this one file's problem
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} unreadable: {reason}") from None
 
 
 def load_images(paths: list[str], resolution: int, label: str = "reading images",
                 crop_fraction: float | None = None) -> tuple[np.ndarray, list[str], list[str]]:
-    """Read `paths`; unreadable files are skipped and returned in the third element."""
+    """Read `paths`; unreadable files are skipped: the third element holds why, one message each."""
     arrays, used, skipped = [], [], []
     with progress(paths, label) as bar:
         for path in bar:
             try:
                 arrays.append(load_image(path, resolution, crop_fraction))
                 used.append(path)
-            except UserError:
-                skipped.append(path)
+            except UserError as exc:
+                skipped.append(str(exc))
     batch = np.stack(arrays) if arrays else np.zeros((0, resolution, resolution, 3), np.uint8)
     return batch, used, skipped
+
+
+def skipped_note(skipped: list[str], where: str) -> str:
+    """The warning (or, when nothing was readable, the error) about unreadable files: `skipped`
+    holds load_image's messages."""
+    return f"{len(skipped)} unreadable image(s) in {where} skipped, e.g. {skipped[0]}"
+
+
+def expand_images(items: list[str]) -> list[str]:
+    """Image arguments: files as given, folders replaced by the images in them (searched recursively)."""
+    out = []
+    for item in items:
+        if os.path.isdir(item):
+            found = find_images(item)
+            if not found:
+                raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in folder {item}")
+            out += found
+        else:
+            out.append(item)
+    return out
 
 
 def resize_batch(array: np.ndarray, resolution: int) -> np.ndarray:
@@ -108,18 +111,34 @@ def resize_batch(array: np.ndarray, resolution: int) -> np.ndarray:
                      for a in array])
 
 
-def load_npy(path: str, resolution: int) -> np.ndarray:
+def load_npy(path: str, resolution: int | None) -> np.ndarray:
+    """An (N, H, W, 3) or (H, W, 3) array of RGB pixels: integers 0..255 or floats 0..255 / 0..1."""
     try:
         array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path} as a .npy array: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 -- truncated, pickled, not an .npy at all
+        raise UserError(f"{path} unreadable: not a plain .npy array ({str(exc).splitlines()[0] if str(exc) else exc!r})"
+                        ) from None
     if array.ndim == 3:
         array = array[None]
     if array.ndim != 4 or array.shape[-1] != 3:
-        raise UserError(f"{path}: expected an array of RGB images (N, H, W, 3), got shape {array.shape}")
-    if np.issubdtype(array.dtype, np.floating) and array.size and array.max() <= 1.0:
+        raise UserError(f"{path} unreadable: expected RGB images (N, H, W, 3), got shape {array.shape}")
+    if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise UserError(f"{path} unreadable: pixels must be integers or floats, not {array.dtype}")
+    if array.size == 0:
+        raise UserError(f"{path} holds no images (shape {array.shape})")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise UserError(f"{path} unreadable: it holds NaN or infinite values")
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 255:
+        raise UserError(f"{path} unreadable: pixels must be in 0..255 (or 0..1 floats), got {low:g}..{high:g}")
+    if np.issubdtype(array.dtype, np.floating) and high <= 1.0:
         array = array * 255.0  # 0..1 floats -> pixels
-    return resize_batch(array, resolution)
+    if resolution is None:
+        return array
+    try:
+        return resize_batch(array, resolution)
+    except Exception as exc:  # noqa: BLE001 -- e.g. out of memory for a huge array
+        raise UserError(f"{path} unreadable: {exc}") from None
 
 
 def synthetic_images(count: int, resolution: int, seed: int = 0) -> np.ndarray:
@@ -129,6 +148,20 @@ def synthetic_images(count: int, resolution: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, size=(count, 8, 8, 3), dtype=np.uint8)
     return np.stack([np.asarray(Image.fromarray(s).resize((resolution, resolution), Image.BICUBIC)) for s in small])
+
+
+def check_calibration_source(source: str | None) -> None:
+    """Cheap check before any model is loaded: a folder with images, or a valid .npy of pixels."""
+    if source in (None, "synthetic"):
+        return
+    if os.path.isfile(source) and source.lower().endswith(".npy"):
+        load_npy(source, None)
+    elif not os.path.exists(source):
+        raise UserError(f"calibration source not found: {source}")
+    elif not os.path.isdir(source):
+        raise UserError(f"calibration source {source} is neither a folder nor a .npy file")
+    elif not find_images(source):
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {source}")
 
 
 def calibration_set(source: str | None, resolution: int, count: int = 100, seed: int = 0) -> tuple[np.ndarray, dict]:
@@ -157,9 +190,9 @@ def calibration_set(source: str | None, resolution: int, count: int = 100, seed:
         paths = [paths[i] for i in np.linspace(0, len(paths) - 1, count).round().astype(int)]
     array, used, skipped = load_images(paths, resolution, "reading calibration images")
     if not used:
-        raise UserError(f"none of the {len(paths)} images in {source} could be read")
+        raise UserError(f"none of the {len(paths)} images in {source} could be read, e.g. {skipped[0]}")
     if skipped:
-        print(f"warning: skipped {len(skipped)} unreadable image(s) in {source}, e.g. {skipped[0]}", file=sys.stderr)
+        print(f"warning: {skipped_note(skipped, source)}", file=sys.stderr)
     return array, {"source": os.path.abspath(source), "count": len(used), "skipped": len(skipped),
                    "synthetic": False}
 
@@ -190,9 +223,12 @@ def labeled_images(folder: str, resolution: int) -> tuple[np.ndarray, np.ndarray
     paths = [p for _, images in classes for p in images]
     label_of = {p: i for i, (_, images) in enumerate(classes) for p in images}
     pixels, used, skipped = load_images(paths, resolution, "reading images")
-    if skipped:
-        print(f"warning: skipped {len(skipped)} unreadable image(s) in {folder}, e.g. {skipped[0]}", file=sys.stderr)
+    if not used:
+        raise UserError(f"none of the {len(paths)} images in {folder} could be read, e.g. {skipped[0]}")
     labels = np.array([label_of[p] for p in used], dtype=np.int64)
     if len(np.unique(labels)) < 2:
-        raise UserError(f"{folder}: fewer than two classes have readable images")
+        raise UserError(f"{folder}: fewer than two classes have readable images"
+                        + (f" ({skipped_note(skipped, folder)})" if skipped else ""))
+    if skipped:
+        print(f"warning: {skipped_note(skipped, folder)}", file=sys.stderr)
     return pixels, labels, [name for name, _ in classes]

@@ -12,7 +12,7 @@ import numpy as np
 
 def photos(resolution: int, count: int = 16) -> np.ndarray:
     """uint8 (count, resolution, resolution, 3) crops of scikit-image's photographs (edge_effnet.photoset)."""
-    from edge_effnet.photoset import calibration_crops, render
+    from edge_effnet.evaluate.photoset import calibration_crops, render
 
     return render(calibration_crops(count), resolution)
 

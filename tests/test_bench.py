@@ -21,8 +21,8 @@ def tiny(tmp_path_factory):
     """A small EfficientNet as .keras and as a batch-1 float .tflite (the project's TFLite converter)."""
     from edge_effnet.export.formats import get_mode
     from edge_effnet.export.tflite import convert
-    from edge_effnet.models import create_model
-    from edge_effnet.variants import from_scaling
+    from edge_effnet.model.keras_io import create_model
+    from edge_effnet.model.variants import from_scaling
 
     folder = tmp_path_factory.mktemp("tiny")
     model = create_model(from_scaling(**SMALL), batch_size=1, num_classes=10)
@@ -145,9 +145,9 @@ def test_variant_names_files_and_bundle_folders_resolve_without_loading(tiny, tm
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "not found"),
-    ("text", "not a valid Flatbuffer"),
+    ("text", "not a TensorFlow Lite model"),
     ("truncated", "not a valid Flatbuffer"),
-    ("runs0", "--runs must be at least 1"),
+    ("runs0", "runs must be in [1, 100,000]"),
     ("backend", "cannot run .tflite files"),
     ("suffix", "unsupported model file"),
     ("variant", "did you mean"),
@@ -189,3 +189,58 @@ def test_timing_a_tflite_imports_no_tensorflow(tiny, tmp_path):
     assert _record(tmp_path / "o.json")["models"][0]["runs"] == 2  # it really timed the model
     assert "ai_edge_litert" in loaded or "tflite_runtime" in loaded
     assert not {"tensorflow", "keras", "onnx", "onnxruntime", "torch"} & loaded
+
+
+def test_a_bundle_folder_runs_the_first_file_an_installed_runtime_runs():
+    """runtime.backends.choose_files: .tflite in ai-edge-litert or tflite-runtime, else .onnx in
+    onnxruntime, else TensorFlow; the line says which and why; none: one line naming what to install."""
+    from edge_effnet.errors import UserError
+    from edge_effnet.runtime.backends import choose_files
+
+    files = ["b1_int8.onnx", "manifest.json", "b1_int8.tflite", "labels.txt"]
+
+    def only(*names):
+        return lambda backend: backend in names
+
+    assert choose_files("b1-int8", files, installed=only("litert", "onnxruntime"))[:2] == (["b1_int8.tflite"], "litert")
+    legacy = choose_files("b1-int8", files, installed=only("tflite-runtime"))
+    assert legacy[:2] == (["b1_int8.tflite"], "tflite-runtime")
+    chosen, backend, note = choose_files("b1-int8", files, installed=only("onnxruntime", "tf-lite"))
+    assert (chosen, backend) == (["b1_int8.onnx"], "onnxruntime")  # a light runtime before TensorFlow
+    assert note == "b1-int8/: b1_int8.onnx in onnxruntime (neither ai-edge-litert nor tflite-runtime is installed)"
+    assert choose_files("b1-int8", files, installed=only("tf-lite"))[:2] == (["b1_int8.tflite"], "tf-lite")
+    assert choose_files("b1-int8", files, "onnxruntime", installed=only())[:2] == (["b1_int8.onnx"], "onnxruntime")
+    with pytest.raises(UserError) as none:
+        choose_files("b1-int8/", files, installed=only())
+    assert str(none.value) == ("b1-int8/ holds b1_int8.tflite and b1_int8.onnx, but neither ai-edge-litert, "
+                               "tflite-runtime nor onnxruntime is installed: pip install 'edge-effnet[runtime]'")
+    with pytest.raises(UserError, match=r"holds b1_int8.onnx, but onnxruntime is not installed: "
+                                        r"pip install 'edge-effnet\[runtime-onnx\]'$"):
+        choose_files("b1-int8", ["b1_int8.onnx"], installed=only("litert"))
+    with pytest.raises(UserError, match="holds no .tflite file for --backend litert"):
+        choose_files("b1-int8", ["b1_int8.onnx"], "litert")
+
+
+BLOCK = """import runpy, sys
+for name in sys.argv[1].split(","):
+    sys.modules[name] = None  # as if not installed: import fails, importlib.util.find_spec finds nothing
+sys.argv = sys.argv[2:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def test_bench_of_a_bundle_no_installed_runtime_opens_is_one_line(tiny, tmp_path):
+    bundle = tmp_path / "b1-int8"
+    bundle.mkdir()
+    shutil.copy(tiny["tflite"], bundle / "b1_int8.tflite")
+    (bundle / "b1_int8.onnx").write_text("never opened")
+    (tmp_path / "block.py").write_text(BLOCK)
+    blocked = "ai_edge_litert,tflite_runtime,onnxruntime,tensorflow,keras"
+    out = subprocess.run([sys.executable, tmp_path / "block.py", blocked, "edge_effnet", "bench", bundle],
+                         capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"edge-effnet: error: {bundle}/ holds b1_int8.tflite and b1_int8.onnx, but neither ai-edge-litert, "
+        "tflite-runtime nor onnxruntime is installed: pip install 'edge-effnet[runtime]'"]
+    fine = run_cli("bench", bundle, "--runs", 1, "--warmup", 0)
+    assert fine.returncode == 0 and f"bench: {bundle}/: b1_int8.tflite in ai-edge-litert" in fine.stderr, fine.stderr

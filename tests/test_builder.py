@@ -2,14 +2,14 @@
 import numpy as np
 import pytest
 
-from edge_effnet.models import import_keras
-from edge_effnet.scaling import count_params
-from edge_effnet.variants import VARIANTS, from_phi, get_variant
+from edge_effnet.console import import_keras
+from edge_effnet.model.scaling import count_params
+from edge_effnet.model.variants import VARIANTS, from_phi, get_variant
 
 keras = import_keras()
-from edge_effnet.builder import build_model  # noqa: E402
+from edge_effnet.model.builder import build_model  # noqa: E402
 from edge_effnet.data import load_image  # noqa: E402
-from edge_effnet.weights import load_weights  # noqa: E402
+from edge_effnet.model.weights import load_weights  # noqa: E402
 
 KERAS_APPS = {f"b{i}": getattr(keras.applications, f"EfficientNetB{i}") for i in range(8)}
 

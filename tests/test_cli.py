@@ -9,7 +9,7 @@ import pytest
 
 from conftest import cli_env, run_cli
 
-COMMANDS = ["variants", "build", "edgetpu-check", "bench", "predict", "eval", "export", "train", "search"]
+COMMANDS = ["variants", "build", "edgetpu-check", "bench", "predict", "eval", "export", "train", "search", "quant-report"]
 
 
 def _modules_after(code: str) -> set:
@@ -57,8 +57,8 @@ def test_build_writes_model_and_reports(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--variant", "b9"], "did you mean"),
-    (["--width", "0", "--depth", "1"], "width must be > 0"),
-    (["--width", "1", "--depth", "1", "--resolution", "0"], "resolution must be > 0"),
+    (["--width", "0", "--depth", "1"], "width must be in (0, 8]"),
+    (["--width", "1", "--depth", "1", "--resolution", "0"], "resolution must be in [32, 4,096]"),
     (["--phi", "1", "--width", "1.1"], "together"),
     (["--variant", "b0", "--phi", "1"], "together"),
     (["--variant", "b0", "--weights", "/no/such.h5"], "not found"),
@@ -87,3 +87,20 @@ def test_unwritable_output_leaves_nothing(tmp_path):
         locked.chmod(0o700)
     missing = run_cli("build", "--variant", "b0", "-o", tmp_path / "nope" / "m.keras")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_interrupt_inside_c_run_python_still_exits_130(tmp_path):
+    """CI once saw `python -m edge_effnet export` print "interrupted" and exit -2: a Ctrl-C that
+    passes through C code running Python (PyRun_String, as pybind11 and TensorFlow's import do)
+    makes CPython under -m replace sys.exit's code by a self-kill. The real one_line_errors, that
+    real C path, under -m."""
+    (tmp_path / "interrupted_app.py").write_text(
+        "import ctypes\n"
+        "from edge_effnet.console import one_line_errors\n"
+        "run = ctypes.pythonapi.PyRun_String\n"
+        "run.restype = ctypes.py_object\n"
+        "run.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.py_object, ctypes.py_object]\n"
+        "one_line_errors(lambda: run(b'raise KeyboardInterrupt', 257, {}, {}))\n")
+    result = subprocess.run([sys.executable, "-m", "interrupted_app"], cwd=tmp_path, env=cli_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 130 and result.stderr == "edge-effnet: interrupted\n", result

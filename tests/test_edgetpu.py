@@ -6,7 +6,7 @@ import pytest
 
 from conftest import run_cli
 from edge_effnet.export.edgetpu import parse_compiler_log, preflight
-from edge_effnet.tflite_reader import read_tflite
+from edge_effnet.runtime.tflite_reader import read_tflite
 
 RES = 32
 
@@ -30,7 +30,7 @@ def _convert(model, path, mode, images):
 
 def _leaky_model():
     """conv3x3(8) -> conv3x3(16) -> LeakyReLU (not an Edge TPU op) -> conv1x1(8) -> pool -> dense(10)."""
-    from edge_effnet.models import import_keras
+    from edge_effnet.console import import_keras
 
     keras = import_keras()
     L = keras.layers
@@ -45,7 +45,7 @@ def _leaky_model():
 
 def _cumsum_model():
     """A float model with CUMSUM (builtin code 128: stored in builtin_code, not the deprecated byte)."""
-    from edge_effnet.models import import_keras
+    from edge_effnet.console import import_keras
 
     keras = import_keras()
     import tensorflow as tf
@@ -58,8 +58,8 @@ def _cumsum_model():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from edge_effnet.builder import build_model
-    from edge_effnet.variants import resolve_spec
+    from edge_effnet.model.builder import build_model
+    from edge_effnet.model.variants import resolve_spec
 
     folder = tmp_path_factory.mktemp("edgetpu")
     images = np.random.default_rng(0).uniform(0, 255, (4, RES, RES, 3)).astype(np.float32)
@@ -141,7 +141,7 @@ def test_float_model_is_not_quantized(models):
 
 
 def test_builder_model_maps_fully_and_macs_match_the_spec(models):
-    from edge_effnet.scaling import count_macs
+    from edge_effnet.model.scaling import count_macs
 
     report = preflight(models["tiny_int8"])
     assert report["maps_fully"], report["verdict"]
@@ -274,11 +274,16 @@ def test_export_edgetpu_bundle(tmp_path, chelsea):
     assert "apt-get install edgetpu-compiler" in report["compiler"]["how_to_compile"]
     fused = [row for row in report["ops"] if row["op"] == "CONV_2D" and row["macs"]]
     assert fused and all(row["version"] <= row["max_version"] for row in report["ops"])
+    # the quantization report is written here too, and the file stays full int8 (no mixed precision)
+    assert record["quant_report"]["file"] == "quant_report.json" and (out / "quant_report.json").exists()
+    assert "mixed_precision" not in record and record["float_activations"] == []
+    assert "quantization report" in result.stdout
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--io", "float32"], "--io float32 does not apply to --edgetpu"),
     (["--int8"], "conflict"),
+    (["--target-agreement", "0.99"], "runs full int8 only"),
 ])
 def test_export_edgetpu_bad_options(tmp_path, extra, message):
     result = run_cli("export", "--variant", "edgetpu-s", "--edgetpu", *extra, "-o", tmp_path / "x")

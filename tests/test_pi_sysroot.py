@@ -23,7 +23,7 @@ def test_missing_host_tools_say_what_to_install(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
-    assert "apt-get install debootstrap qemu-user-static" in done.stderr
+    assert "apt-get install debootstrap" in done.stderr
     assert not (tmp_path / "cache").exists()  # nothing half-built
 
 

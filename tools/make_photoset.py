@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from edge_effnet.errors import UserError
-from edge_effnet.photoset import calibration_crops, evaluation_crops, write_photoset
+from edge_effnet.evaluate.photoset import calibration_crops, evaluation_crops, write_photoset
 
 
 def main(argv=None) -> int:

@@ -1,29 +1,40 @@
 #!/usr/bin/env python3
-"""An emulated Raspberry Pi (64-bit Raspberry Pi OS = Debian bookworm, aarch64, Python 3.11) on x86.
+"""An emulated Raspberry Pi (64-bit Raspberry Pi OS = Debian bookworm or trixie, aarch64) on x86.
 
-Assembles an arm64 Debian bookworm root from Debian's packages (debootstrap --foreign, then
-the downloaded .debs unpacked with dpkg-deb -x: nothing is executed inside it, so binfmt_misc
-is not needed), adds the aarch64 wheels of edge-effnet's light runtime (one site folder per
-interpreter: ai-edge-litert with numpy 2, tflite-runtime 2.14 with numpy < 2), and runs
-`qemu-aarch64-static -cpu cortex-a72 -L ROOT ROOT/usr/bin/python3.11` (a Raspberry Pi 4's
-instruction set) on it with the project's own package. The same wheel versions are fetched for
-x86_64 as well, run by the host's Python 3.11: the reference to compare the Pi's outputs with.
+Assembles an arm64 Debian root from Debian's packages (debootstrap --foreign, then the
+downloaded .debs unpacked with dpkg-deb -x: nothing is executed inside it, so binfmt_misc is not
+needed), adds edge-effnet's light runtime as pip resolves it for the Pi (one site folder per
+runtime extra of setup.cfg), and runs `qemu-aarch64 -cpu cortex-a72 -L ROOT ROOT/usr/bin/python3.X`
+(a Raspberry Pi 4's instruction set) on it with the project's own package. The same runtime
+versions are fetched for x86_64 as well, run by the host's Python 3.11: the reference to compare
+the Pi's outputs with.
 
-    python tools/pi_sysroot.py                       # build once (cached), print what is there
-    python tools/pi_sysroot.py run [--runtime litert|tflite-runtime] -- -m edge_effnet bench m.tflite
+Two releases (--release), each with two runtimes (--runtime), each a runtime extra of setup.cfg:
+  bookworm  Raspberry Pi OS 12, Python 3.11, glibc 2.36. litert = the `runtime` extra,
+            tflite-runtime = `runtime-legacy` (numpy < 2). Resolved by the host's pip for the Pi
+            (pip install --target --platform manylinux_2_17..2_36_aarch64 --python-version 3.11:
+            the same Python as the host's, so only the platform differs).
+  trixie    Raspberry Pi OS 13, Python 3.13, glibc 2.41. litert = `runtime`, onnxruntime =
+            `runtime-onnx`. Resolved and installed by pip RUNNING ON THE EMULATED python3.13, so
+            environment markers and wheel tags are the Pi's own.
+Both run on Debian 13's qemu-aarch64 (qemu-user 10.0, static), which this tool downloads with
+apt-get from Debian 13 into the cache: Debian 12's qemu-user-static (7.2) dies with SIGSEGV
+importing ai-edge-litert 2.3.0 (what a Pi's pip installs) and onnxruntime's aarch64 wheel.
+
+    python tools/pi_sysroot.py [--release trixie]    # build once (cached), print what is there
+    python tools/pi_sysroot.py run [--runtime litert|tflite-runtime] -- -m edge_effnet bench bundle/
     python tools/pi_sysroot.py run --arch x86_64 -- tools/rpi_classify.py bundle/ cat.jpg
+    python tools/pi_sysroot.py --release trixie run --runtime onnxruntime -- tools/rpi_classify.py bundle/ cat.jpg
 
-Needs root, network access to Debian and PyPI on the first run, and
-`apt-get install debootstrap qemu-user-static`. The result is cached in
-$EDGE_EFFNET_CACHE/pi-sysroot (default ~/.cache/edge-effnet/pi-sysroot), keyed by the versions
-below. Emulated run times are not latencies: never report them as such.
+Needs root, network access to Debian and PyPI on the first run, and `apt-get install debootstrap`.
+The result is cached in $EDGE_EFFNET_CACHE/pi-sysroot (default ~/.cache/edge-effnet/pi-sysroot),
+keyed by what goes in. Emulated run times are not latencies: never report them as such.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
-import fcntl
+import configparser
 import glob
 import hashlib
 import json
@@ -32,39 +43,73 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import zipfile
+from typing import NamedTuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pi_debian as debian  # noqa: E402  (the Debian root, qemu-user, wheels, cached builds)
+from pi_debian import SysrootError, say  # noqa: E402,F401  (SysrootError: callers catch tool.SysrootError)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "edge_effnet"
-SUITE = "bookworm"           # Raspberry Pi OS 64-bit is Debian bookworm, Python 3.11
-PYTHON = "usr/bin/python3.11"
-QEMU = "qemu-aarch64-static"
 # The emulated CPU's instruction set. Raspberry Pi 4 = Cortex-A72 (ARMv8.0, like the Pi 3's A53:
 # no dot-product or fp16 arithmetic), the common denominator of 64-bit Pis; Pi 5 = cortex-a76.
 # qemu's default ("max") has features no Pi has, and the runtimes would pick kernels for them.
 CPUS = ("cortex-a72", "cortex-a76", "cortex-a53")
-APT_HINT = "apt-get install debootstrap qemu-user-static"
-# debootstrap lives in /usr/sbin, which a non-login shell's PATH may lack
-SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
-
-# One site folder per interpreter; the two cannot share one (tflite-runtime 2.14 needs numpy < 2).
-# ai-edge-litert 1.4.0 is the newest release with a cp311 aarch64 wheel; tflite-runtime 2.14.0's
-# aarch64 wheel is tagged manylinux_2_34 (bookworm has glibc 2.36). The same pins are fetched for
-# x86_64 too, so a test can compare the same runtime version on both architectures.
-RUNTIMES = {
-    "litert": {
-        "module": "ai_edge_litert",
-        "requirements": ["ai-edge-litert==1.4.0", "numpy==2.2.6", "pillow==12.2.0", "click==8.3.1"],
-    },
-    "tflite-runtime": {
-        "module": "tflite_runtime",
-        "requirements": ["tflite-runtime==2.14.0", "numpy==1.26.4", "pillow==12.2.0", "click==8.3.1"],
-    },
-}
+APT_HINT = "apt-get install debootstrap (Debian 13's qemu-user is fetched by this tool with apt-get)"
+QEMU_SUITE = "trixie"  # whose qemu-user runs both releases (10.0; Debian 12's 7.2 crashes, see above)
+SEARCH_PATH = debian.SEARCH_PATH  # where check_host looks (a test points it at an empty folder)
 ARCHES = ("aarch64", "x86_64")
-PLATFORMS = ["manylinux_2_34_{arch}", "manylinux_2_17_{arch}", "manylinux2014_{arch}"]
-LAYOUT_VERSION = 1  # bump when the folder layout below changes
+LAYOUT_VERSION = 2  # bump when the folder layout below changes
+# pip that resolves on the emulated Pi: the version Debian 13's python3-pip ships (a Pi's venv pip)
+TARGET_PIP = "pip==25.1.1"
+
+
+def platforms(glibc_minor: int) -> list[str]:
+    """Every manylinux tag a glibc 2.`glibc_minor` system takes, newest first (as pip lists them)."""
+    return [f"manylinux_2_{minor}_{{arch}}" for minor in range(glibc_minor, 16, -1)] + ["manylinux2014_{arch}"]
+
+
+# x86_64 reference wheels (host Python 3.11, Debian 12: glibc 2.36)
+HOST_PLATFORMS = platforms(36)
+
+
+class Runtime(NamedTuple):
+    module: str      # imported to check it
+    extra: str       # setup.cfg's extra that installs it (with install_requires)
+    dist: str        # its distribution name in pip's report
+
+
+LITERT = Runtime("ai_edge_litert", "runtime", "ai-edge-litert")
+
+
+class Release(NamedTuple):  # not a dataclass: tests load this file without registering it in sys.modules
+    """One Raspberry Pi OS release: its Debian suite, its Python, the runtimes it gets and how."""
+
+    suite: str
+    python: str                 # the interpreter inside the root
+    runtimes: dict              # name -> Runtime
+    resolve: str                # "host": host pip for the Pi's tags (same Python); "target": pip on the emulated Pi
+    glibc_minor: int            # the manylinux tags the Pi takes
+
+
+RELEASES = {
+    # Raspberry Pi OS 12 (2023-2025): Python 3.11.2, glibc 2.36. Its pip takes ai-edge-litert 2.3.0
+    # (manylinux_2_27); tflite-runtime 2.14.0's aarch64 wheel is manylinux_2_34.
+    "bookworm": Release("bookworm", "usr/bin/python3.11",
+                        {"litert": LITERT,
+                         "tflite-runtime": Runtime("tflite_runtime", "runtime-legacy", "tflite-runtime")},
+                        "host", 36),
+    # Raspberry Pi OS 13 (2025-): Python 3.13.5, glibc 2.41.
+    "trixie": Release("trixie", "usr/bin/python3.13",
+                      {"litert": LITERT, "onnxruntime": Runtime("onnxruntime", "runtime-onnx", "onnxruntime")},
+                      "target", 41),
+}
+RUNTIME_NAMES = sorted({name for release in RELEASES.values() for name in release.runtimes})
+
+
+class ProductError(SysrootError):
+    """The Pi was built but what users would install fails there (a runtime that does not import,
+    an extra that installs no runtime): a test fails on it, never skips."""
 
 SMOKE = """
 import importlib, json, platform, sys
@@ -73,14 +118,6 @@ mod = importlib.import_module(sys.argv[1])
 print(json.dumps({"machine": platform.machine(), "python": platform.python_version(),
                   "numpy": numpy.__version__, "runtime": getattr(mod, "__version__", "unknown")}))
 """
-
-
-class SysrootError(Exception):
-    """Reported as one line (exit code 2)."""
-
-
-def say(message: str) -> None:
-    print(f"pi-sysroot: {message}", file=sys.stderr, flush=True)
 
 
 def cache_root() -> str:
@@ -94,7 +131,7 @@ def _key(recipe) -> str:
 
 
 def check_host() -> None:
-    missing = [tool for tool in ("debootstrap", QEMU, "dpkg-deb") if not shutil.which(tool, path=SEARCH_PATH)]
+    missing = [tool for tool in ("debootstrap", "dpkg-deb", "apt-get") if not shutil.which(tool, path=SEARCH_PATH)]
     if missing:
         raise SysrootError(f"{', '.join(missing)} not found: {APT_HINT}")
     if sys.version_info[:2] != (3, 11):
@@ -102,119 +139,86 @@ def check_host() -> None:
                            f"this is {sys.version.split()[0]})")
 
 
-def _run(cmd: list[str], what: str, log: str) -> None:
-    with open(log, "ab") as out:
-        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                              env={**os.environ, "PATH": SEARCH_PATH})
-    if done.returncode != 0:
-        with open(log, errors="replace") as f:
-            lines = [line.strip() for line in f if line.strip()]
-        last = lines[-1] if lines else "no output"
-        raise SysrootError(f"{what} failed (exit {done.returncode}; the first run needs network): {last} "
-                           f"[full log: {log}]")
+def _requirements(release: Release, runtime: str) -> list[str]:
+    """install_requires + the runtime's extra from setup.cfg (markers kept: pip evaluates them)."""
+    config = configparser.ConfigParser()
+    config.read(os.path.join(ROOT, "setup.cfg"))
+    lines = config["options"]["install_requires"].splitlines()
+    lines += config["options.extras_require"][release.runtimes[runtime].extra].splitlines()
+    found = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    return list(dict.fromkeys(found))  # numpy is in both install_requires and the extra
 
 
-@contextlib.contextmanager
-def _cached(cache: str, name: str, rebuild: bool):
-    """Yield a work folder to build `name` in (None if already built); publish it atomically."""
-    final = os.path.join(cache, name)
-    os.makedirs(cache, exist_ok=True)
-    with open(final + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.isfile(os.path.join(final, "done.json")) and not rebuild:
-            yield None
-            return
-        for stale in glob.glob(final + ".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        work = f"{final}.tmp-{os.getpid()}"
-        os.makedirs(work)
-        start = time.monotonic()
-        try:
-            yield work
-            with open(os.path.join(work, "done.json"), "w") as f:
-                json.dump({"name": name, "build_s": round(time.monotonic() - start, 1)}, f)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.rename(work, final)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        say(f"built {name} in {time.monotonic() - start:.0f} s")
+def _target_site(sysroot: "Sysroot", requirements: list[str], pip_wheel: str, site: str, log: str) -> None:
+    """pip install --target on the emulated Pi: its own markers, tags and Requires-Python decide
+    what resolves. Writes SITE/../resolved.json (pip's report: environment, what was installed)."""
+    report = os.path.join(os.path.dirname(site), "resolved.json")
+    say(f"pip install on the emulated {sysroot.release.suite} python: {' '.join(requirements)} ...")
+    cmd = [sysroot.qemu, "-L", sysroot.root, os.path.join(sysroot.root, sysroot.release.python),
+           os.path.join(pip_wheel, "pip"), "install", "--quiet", "--disable-pip-version-check", "--no-cache-dir",
+           "--no-compile", "--only-binary=:all:", "--target", site, "--report", report, *requirements]
+    debian.run(cmd, f"pip install on the emulated Pi ({' '.join(requirements)})", log, env=debian.emulated_env())
+    for folder in glob.glob(os.path.join(site, "bin")):
+        shutil.rmtree(folder)  # console scripts with a shebang for the root's python: not used
+    # not byte-compiled here: the emulated Python compiles what it imports on first use (writing
+    # __pycache__), cheaper than compiling all of numpy, pillow and the runtime under qemu
 
 
-def _debootstrap(root: str, log: str) -> None:
-    if os.geteuid() != 0:
-        raise SysrootError("building the Debian root needs root (debootstrap); run this once as root, "
-                           "later runs reuse the cache")
-    say(f"downloading and unpacking Debian {SUITE} arm64 (minbase + python3) with debootstrap --foreign ...")
-    cmd = ["debootstrap", "--foreign", "--arch=arm64", "--variant=minbase", "--include=python3", SUITE, root]
-    mirror = os.environ.get("EDGE_EFFNET_DEBIAN_MIRROR")
-    _run(cmd + ([mirror] if mirror else []), "debootstrap", log)
-    # --foreign unpacks only the 'required' set; the rest (python3 and its libraries) is only
-    # downloaded. Unpack every downloaded package: nothing is configured or executed.
-    debs = sorted(glob.glob(os.path.join(root, "var/cache/apt/archives/*.deb")))
-    say(f"unpacking {len(debs)} .deb files with dpkg-deb -x ...")
-    for deb in debs:
-        _run(["dpkg-deb", "-x", deb, root], f"dpkg-deb -x {os.path.basename(deb)}", log)
-        os.remove(deb)
-    if not os.path.isfile(os.path.join(root, PYTHON)):
-        raise SysrootError(f"the {SUITE} arm64 packages gave no /{PYTHON} [log: {log}]")
-    _precompile(os.path.join(root, "usr/lib/python3.11"), log)
+def _host_site(release: Release, requirements: list[str], site: str, log: str) -> None:
+    """pip install --target on the host for the Pi's wheel tags (same Python version as the host's:
+    only the platform differs), byte-compiled by the host's Python. Writes SITE/../resolved.json."""
+    report = os.path.join(os.path.dirname(site), "resolved.json")
+    say(f"pip install for {release.suite} aarch64 (cp311, glibc 2.{release.glibc_minor}): {' '.join(requirements)} ...")
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
+           "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp", "--target", site,
+           "--report", report]
+    for platform in platforms(release.glibc_minor):
+        cmd += ["--platform", platform.format(arch="aarch64")]
+    debian.run(cmd + requirements, f"pip install for the Pi ({' '.join(requirements)})", log)
+    shutil.rmtree(os.path.join(site, "bin"), ignore_errors=True)
+    debian.precompile(site, log)
 
 
-def _wheels(runtime: str, arch: str, site: str, log: str) -> None:
-    requirements = RUNTIMES[runtime]["requirements"]
-    wheels = site + "-wheels"
-    say(f"pip download {arch} cp311 wheels for {runtime}: {' '.join(requirements)} ...")
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-           "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp", "-d", wheels]
-    for platform in PLATFORMS:
-        cmd += ["--platform", platform.format(arch=arch)]
-    _run(cmd + requirements, f"pip download ({runtime}, {arch})", log)
-    for wheel in sorted(glob.glob(os.path.join(wheels, "*.whl"))):
-        with zipfile.ZipFile(wheel) as z:
-            z.extractall(site)
-    for path in glob.glob(os.path.join(site, "**", "*.so*"), recursive=True):
-        os.chmod(path, 0o755)  # zipfile drops the mode bits
-    shutil.rmtree(wheels)
-    _precompile(site, log)
-
-
-def _precompile(path: str, log: str) -> None:
-    """Byte-compile with the host's Python 3.11 (the same bytecode): saves minutes of emulated compiling."""
-    with open(log, "ab") as out:  # a few test-suite files do not compile: not needed
-        subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", path], stdout=out,
-                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+def _installed(report: str) -> list[dict]:
+    """name, version, wheel file name from pip's --report."""
+    with open(report) as f:
+        data = json.load(f)
+    return [{"name": item["metadata"]["name"], "version": item["metadata"]["version"],
+             "wheel": item["download_info"]["url"].rsplit("/", 1)[-1]} for item in data["install"]]
 
 
 class Sysroot:
-    """The emulated Pi: `command(runtime, argv)` gives `python3.11 ARGV` on aarch64 (or, with
+    """The emulated Pi: `command(runtime, argv)` gives `python3.X ARGV` on aarch64 (or, with
     arch="x86_64", the host's Python 3.11 with the same runtime versions) and its environment."""
 
-    def __init__(self, root: str, sites: dict[tuple[str, str], str]):
-        self.root, self.sites = root, sites
+    def __init__(self, root: str, sites: dict[tuple[str, str], str], release: str, qemu: str):
+        self.root, self.sites, self.qemu = root, sites, qemu
+        self.release_name, self.release = release, RELEASES[release]
+        self.python = os.path.join(root, self.release.python)
         self.versions: dict = {}
 
     def command(self, runtime: str, argv: list[str], extra_paths: tuple[str, ...] = (),
                 arch: str = "aarch64", cpu: str = CPUS[0]) -> tuple[list[str], dict]:
         """(cmd, env): only the interpreter's standard library, `extra_paths` and the runtime's
         site folder are importable (a clean environment: nothing of the host's packages)."""
-        if runtime not in RUNTIMES:
-            raise SysrootError(f"unknown runtime {runtime!r}: one of {', '.join(RUNTIMES)}")
+        if runtime not in self.release.runtimes:
+            raise SysrootError(f"unknown runtime {runtime!r} for {self.release_name}: "
+                               f"one of {', '.join(self.release.runtimes)}")
         env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8",
                "PYTHONPATH": os.pathsep.join([*extra_paths, self.sites[arch, runtime]])}
         if arch == "x86_64":  # -S: without the host's site-packages (a venv's TensorFlow stays out)
             return [sys.executable, "-S", *argv], env
-        qemu = shutil.which(QEMU, path=SEARCH_PATH) or QEMU
-        return [qemu, "-cpu", cpu, "-L", self.root, os.path.join(self.root, PYTHON), *argv], env
+        return [self.qemu, "-cpu", cpu, "-L", self.root, self.python, *argv], env
 
     def check(self, runtime: str, arch: str = "aarch64") -> dict:
         """Import numpy and the runtime there; return the versions found."""
-        cmd, env = self.command(runtime, ["-c", SMOKE, RUNTIMES[runtime]["module"]], arch=arch)
+        module = self.release.runtimes[runtime].module
+        cmd, env = self.command(runtime, ["-c", SMOKE, module], arch=arch)
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise SysrootError(f"{arch} python3.11 cannot import {RUNTIMES[runtime]['module']}: {last}")
+            last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}, no output"])[-1]
+            python = "python3.11" if arch == "x86_64" else os.path.basename(self.release.python)
+            raise ProductError(f"{arch} {python} cannot import {module}: {last}")
         found = json.loads(done.stdout.strip().splitlines()[-1])
         if found["machine"] != arch:
             raise SysrootError(f"{arch} python reports machine {found['machine']!r}")
@@ -228,36 +232,26 @@ def project_copy(dest: str) -> str:
     return dest
 
 
-def ensure(cache: str | None = None, rebuild: bool = False) -> Sysroot:
-    """The cached Debian root and wheel folders, built first where missing (cold: about 4 minutes
-    on 2 busy cores, ~700 MB), each checked by importing the runtime there."""
+def ensure(cache: str | None = None, rebuild: bool = False, release: str = "bookworm") -> Sysroot:
+    """The cached Debian root and site folders, built first where missing (cold, 2 cores shared
+    with other jobs at load 3-7: bookworm 2 minutes, ~760 MB with the x86_64 references; trixie
+    3.5-4.5 minutes, ~700 MB, most of it pip resolving and installing under emulation; the qemu they
+    share ~20 s, 16 MB),
+    each runtime checked by importing it there. Two releases may be ensured at once (threads or
+    processes): shared parts are built once, under a lock."""
+    if release not in RELEASES:
+        raise SysrootError(f"unknown release {release!r}: one of {', '.join(RELEASES)}")
     check_host()
     cache = cache or cache_root()
-    root_name = f"root-{SUITE}-arm64-{_key(SUITE)}"
-    sites = {(arch, runtime): f"site-{arch}-{runtime}-{_key([RUNTIMES[runtime], PLATFORMS, arch])}"
-             for runtime in RUNTIMES for arch in ARCHES}
-
-    def build(name: str, make) -> None:
-        with _cached(cache, name, rebuild) as work:
-            if work:
-                make(work)
-
-    jobs = [(root_name, lambda w: _debootstrap(os.path.join(w, "root"), os.path.join(w, "build.log")))]
-    jobs += [(name, lambda w, r=runtime, a=arch: _wheels(r, a, os.path.join(w, "site"), os.path.join(w, "build.log")))
-             for (arch, runtime), name in sites.items()]
-    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:  # downloads overlap: mostly network
-        for future in [pool.submit(build, name, make) for name, make in jobs]:
-            future.result()
-    sites = {key: os.path.join(cache, name, "site") for key, name in sites.items()}
-    sysroot = Sysroot(os.path.join(cache, root_name, "root"), sites)
-    stamp = os.path.join(cache, f"checked-{_key([root_name, sorted(sites.values())])}.json")
+    sysroot = _ensure_resolved(cache, rebuild, release)
+    stamp = os.path.join(cache, f"checked-{_key([sysroot.qemu, sysroot.root, sorted(sysroot.sites.values())])}.json")
     if os.path.isfile(stamp) and not rebuild:
         with open(stamp) as f:
             sysroot.versions = json.load(f)
         return sysroot
-    say("checking that each runtime imports on aarch64 (emulated) and x86_64 ...")
-    with concurrent.futures.ThreadPoolExecutor(len(sites)) as pool:
-        checks = {f"{a}/{r}": pool.submit(sysroot.check, r, a) for a, r in sites}
+    say(f"checking that each runtime imports on aarch64 (emulated, {release}) and x86_64 ...")
+    with concurrent.futures.ThreadPoolExecutor(len(sysroot.sites)) as pool:
+        checks = {f"{a}/{r}": pool.submit(sysroot.check, r, a) for a, r in sysroot.sites}
         sysroot.versions = {name: future.result() for name, future in checks.items()}
     with open(stamp + ".tmp", "w") as f:
         json.dump(sysroot.versions, f, indent=2)
@@ -265,14 +259,87 @@ def ensure(cache: str | None = None, rebuild: bool = False) -> Sysroot:
     return sysroot
 
 
+def _build(cache: str, name: str, make, rebuild: bool) -> None:
+    with debian.cached(cache, name, rebuild) as work:
+        if work:
+            make(work)
+
+
+def _ensure_resolved(cache: str, rebuild: bool, release: str) -> Sysroot:
+    """Debian 13's qemu-user, the release's root, then per runtime a site folder resolved by pip for
+    the Pi (release.resolve), then x86_64 reference folders with the same runtime version (host cp311)."""
+    spec = RELEASES[release]
+    host_arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True).stdout.strip()
+    qemu_name = f"qemu-{QEMU_SUITE}-{host_arch}-{_key(['qemu-user', QEMU_SUITE, host_arch])}"
+    root_name = f"root-{spec.suite}-arm64-{_key(spec.suite)}"
+    pip_name = f"pip-{_key(TARGET_PIP)}"
+    on_host = spec.resolve == "host"  # the root's Python is the host's 3.11: byte-compiled on the host
+
+    def get_pip(work: str) -> None:
+        debian.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
+                    "--only-binary=:all:", "-d", work, TARGET_PIP], f"pip download {TARGET_PIP}",
+                   os.path.join(work, "build.log"))
+
+    qemu = os.path.join(cache, qemu_name, "qemu/usr/bin/qemu-aarch64")
+    sysroot = Sysroot(os.path.join(cache, root_name, "root"), {}, release, qemu)
+    jobs = [(qemu_name, lambda w: debian.debian_qemu(w, QEMU_SUITE, os.path.join(w, "build.log"))),
+            (root_name, lambda w: debian.debootstrap(os.path.join(w, "root"), os.path.join(w, "build.log"), spec,
+                                                     host_compile=on_host))]
+    jobs += [] if on_host else [(pip_name, get_pip)]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:  # downloads overlap
+        for future in [pool.submit(_build, cache, name, make, rebuild) for name, make in jobs]:
+            future.result()
+    pip_wheel = None if on_host else glob.glob(os.path.join(cache, pip_name, "pip-*.whl"))[0]
+    names = {}
+    for runtime, row in spec.runtimes.items():  # one at a time: emulated pip is CPU-bound
+        requirements = _requirements(spec, runtime)
+        if on_host:
+            arm = f"site-aarch64-{spec.suite}-{runtime}-{_key([requirements, platforms(spec.glibc_minor), 'host'])}"
+            make = lambda w, r=requirements: _host_site(spec, r, os.path.join(w, "site"), os.path.join(w, "build.log"))  # noqa: E731
+        else:
+            arm = f"site-aarch64-{spec.suite}-{runtime}-{_key([requirements, TARGET_PIP, root_name])}"
+            make = lambda w, r=requirements: _target_site(sysroot, r, pip_wheel, os.path.join(w, "site"),  # noqa: E731
+                                                          os.path.join(w, "build.log"))
+        _build(cache, arm, make, rebuild)
+        versions = [i["version"] for i in _installed(os.path.join(cache, arm, "resolved.json"))
+                    if i["name"].lower() == row.dist]
+        if not versions:
+            raise ProductError(f"pip for the {spec.suite} Pi installed no {row.dist} for "
+                               f"{' '.join(requirements)} [{os.path.join(cache, arm, 'resolved.json')}]")
+        pinned = [r for r in requirements if not r.lower().startswith(row.dist)] + [f"{row.dist}=={versions[0]}"]
+        x86 = f"site-x86_64-{runtime}-{_key([pinned, HOST_PLATFORMS])}"
+
+        def reference(work: str, pinned=pinned, runtime=runtime) -> None:
+            say(f"pip download x86_64 cp311 wheels for {runtime} ({release} reference): {' '.join(pinned)} ...")
+            sizes = debian.download_unpack(pinned, "x86_64", HOST_PLATFORMS, os.path.join(work, "site"),
+                                     os.path.join(work, "build.log"), f"pip download ({runtime}, x86_64)")
+            with open(os.path.join(work, "wheels.json"), "w") as f:
+                json.dump(sizes, f, indent=2)
+            debian.precompile(os.path.join(work, "site"), os.path.join(work, "build.log"))
+
+        _build(cache, x86, reference, rebuild)
+        names["aarch64", runtime], names["x86_64", runtime] = arm, x86
+    sysroot.sites = {key: os.path.join(cache, name, "site") for key, name in names.items()}
+    return sysroot
+
+
+def resolved(sysroot: Sysroot, runtime: str) -> list[dict]:
+    """What pip installed for `runtime` on the emulated Pi: name, version, wheel file name."""
+    return _installed(os.path.join(os.path.dirname(sysroot.sites["aarch64", runtime]), "resolved.json"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", help="cache folder (default: $EDGE_EFFNET_CACHE/pi-sysroot or "
                                         "~/.cache/edge-effnet/pi-sysroot)")
     parser.add_argument("--rebuild", action="store_true", help="build again even if cached")
+    parser.add_argument("--release", choices=list(RELEASES), default="bookworm",
+                        help="bookworm: Raspberry Pi OS 12, Python 3.11 (default); trixie: Raspberry Pi OS 13, "
+                             "Python 3.13; each with setup.cfg's runtime extras as pip resolves them for the Pi")
     sub = parser.add_subparsers(dest="action")
-    run = sub.add_parser("run", help="run the emulated aarch64 python3.11 with ARGS (after --)")
-    run.add_argument("--runtime", choices=list(RUNTIMES), default="litert")
+    run = sub.add_parser("run", help="run the emulated aarch64 python3.X with ARGS (after --)")
+    run.add_argument("--runtime", choices=RUNTIME_NAMES,
+                     default="litert", help="bookworm: litert, tflite-runtime; trixie: litert, onnxruntime")
     run.add_argument("--arch", choices=ARCHES, default="aarch64",
                      help="x86_64: the host's Python 3.11 with the same runtime versions (a reference)")
     run.add_argument("--cpu", choices=CPUS, default=CPUS[0],
@@ -280,15 +347,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("args", nargs=argparse.REMAINDER)
     opts = parser.parse_args(argv)
     try:
-        sysroot = ensure(opts.cache, opts.rebuild)
+        sysroot = ensure(opts.cache, opts.rebuild, opts.release)
         if opts.action != "run":
-            print(json.dumps({"root": sysroot.root, "sites": {f"{a}/{r}": p for (a, r), p in sysroot.sites.items()},
+            print(json.dumps({"release": opts.release, "root": sysroot.root, "qemu": sysroot.qemu,
+                              "sites": {f"{a}/{r}": p for (a, r), p in sysroot.sites.items()},
                               "versions": sysroot.versions}, indent=2))
             return 0
         args = opts.args[1:] if opts.args[:1] == ["--"] else opts.args
-        say(f"emulated aarch64 ({QEMU} -cpu {opts.cpu}): run times here are not latencies")
         with tempfile.TemporaryDirectory(prefix="pi-project-") as project:
             cmd, env = sysroot.command(opts.runtime, args, (project_copy(project),), opts.arch, opts.cpu)
+            say(f"emulated aarch64 ({os.path.basename(sysroot.qemu)} -cpu {opts.cpu}): "
+                "run times here are not latencies")
             return subprocess.run(cmd, env=env).returncode
     except SysrootError as exc:
         print(f"pi-sysroot: error: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ conversion and self-check inside a temporary folder that becomes the bundle only
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -16,19 +17,22 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from ..spec import ModelSpec
+from ..model.spec import ModelSpec
 from . import bundle
-from .formats import DEFAULT_FORMATS, DEFAULT_MODE, FORMATS, LAYOUTS, NORMALIZATIONS, Mode, check_combination, get_mode
+from .sources import is_onnx
+from .formats import (DEFAULT_FORMATS, DEFAULT_MODE, FORMATS, LAYOUTS, MODES, NORMALIZATIONS, ONNX2TF_MODES, Mode,
+                      check_combination, get_mode)
 
 NUM_CALIB = 100   # calibration images (int8, int16x8)
-NUM_CHECK = 20    # self-check images (taken from the calibration images)
+NUM_CHECK = 20    # self-check images (held out from the calibration images: export/images.py)
+NUM_TUNE = 100    # held-out images --target-agreement measures on (neither calibration nor check images)
 
 
 @dataclass
 class ExportOptions:
     spec: ModelSpec | None = None        # a model named by variant/phi/width...
     model_path: str | None = None        # ...or a .keras file, or an .onnx file (-> tflite via onnx2tf)
-    weights: str = "none"                # none | imagenet | PATH | torch:PATH (with spec)
+    weights: str = "auto"                # auto | none | imagenet | PATH | torch:PATH (with spec): model/weights.py
     mode: str = DEFAULT_MODE             # a formats.MODES key
     io: str | None = None                # input/output dtype; None: the mode's default
     formats: tuple[str, ...] = DEFAULT_FORMATS
@@ -36,13 +40,16 @@ class ExportOptions:
     num_calib: int = NUM_CALIB
     num_check: int = NUM_CHECK
     labels: str | None = None            # labels file, one class per line; ImageNet weights: ImageNet's
-    weight_correction: str = "gptq"      # int8-weight TFLite modes, real calibration images: quantize.CORRECTIONS
+    weight_correction: str = "gptq"      # int8-weight TFLite modes, real calibration images: formats.WEIGHT_CORRECTIONS
     output: str | None = None            # bundle folder; None: <name>-<mode> in the cwd
     force: bool = False
     backend: str = "auto"                # runtime for the self-check
     layout: str = "nhwc"                 # ONNX files' input layout (nhwc | nchw)
     resolution: int | None = None        # .onnx model with dynamic height/width: fix them
     normalization: str | None = None     # .onnx model: the input it expects (formats.NORMALIZATIONS)
+    accept_low_fidelity: bool = False    # keep a quantized file below its mode's fidelity floor (a warning)
+    target_agreement: float | None = None  # mixed precision (export/mixed.py): top-1 agreement to reach, 0..1
+    max_slowdown: float = 1.15           # ...within this latency of the full-int8 file (one core)
 
 
 @dataclass
@@ -55,23 +62,27 @@ class ExportResult:
 def model_name(options: ExportOptions) -> str:
     if options.spec is not None:
         return options.spec.name
-    return os.path.splitext(os.path.basename(options.model_path))[0]
+    return os.path.splitext(os.path.basename(options.model_path))[0]  # as sources.py names it
 
 
 def validate(options: ExportOptions) -> tuple[Mode, str, str]:
     """Cheap checks before any heavy import; returns (mode, io, output folder)."""
+    from ..data import check_calibration_source
     from ..fsutil import check_output
-    from ..weights import check_weights_arg
+    from ..limits import check_all
+    from ..model.weights import check_keras_file, check_weights_arg
 
     if (options.spec is None) == (options.model_path is None):
         raise UserError("name one model: --variant/--phi/--width... or --model FILE.keras")
-    onnx_model = options.model_path is not None and options.model_path.lower().endswith(".onnx")
+    onnx_model = is_onnx(options.model_path)
     if options.model_path is not None:
         if not options.model_path.endswith(".keras") and not onnx_model:
             raise UserError(f"--model takes a .keras or .onnx file (got {options.model_path})")
         if not os.path.isfile(options.model_path):
             raise UserError(f"model file not found: {options.model_path}")
-        if options.weights not in (None, "", "none"):
+        if not onnx_model:
+            check_keras_file(options.model_path)
+        if options.weights not in (None, "", "none", "auto"):
             raise UserError("--weights applies to --variant/--phi/--width models; a --model file has its own")
     else:
         check_weights_arg(options.weights, options.spec)
@@ -84,140 +95,142 @@ def validate(options: ExportOptions) -> tuple[Mode, str, str]:
     if onnx_model:
         if options.resolution is not None and options.resolution < 1:
             raise UserError(f"resolution must be > 0 (got {options.resolution})")
-        from .onnx2tflite import ONNX2TF_FILES
-
         if tuple(options.formats) != ("tflite",):
             raise UserError(f"--model {os.path.basename(options.model_path)} converts to --format tflite only "
                             f"(got {','.join(options.formats)})")
-        if mode.name not in ONNX2TF_FILES:
+        if not mode.onnx2tf:
             raise UserError(f"{mode.flag} is not available for --model FILE.onnx "
-                            f"(choose from {', '.join('--' + m for m in ONNX2TF_FILES)})")
+                            f"(choose from {', '.join('--' + m for m in ONNX2TF_MODES)})")
     elif options.normalization is not None or options.resolution is not None:
         raise UserError(f"--{'normalization' if options.normalization else 'resolution'} applies to --model FILE.onnx")
     if options.normalization is not None and options.normalization not in NORMALIZATIONS:
         raise UserError(f"unknown normalization {options.normalization!r} (choose from {', '.join(NORMALIZATIONS)})")
-    if options.num_calib < 1 or options.num_check < 1:
-        raise UserError("--num-calib must be >= 1")
-    if options.calib is not None and not os.path.exists(options.calib):
-        raise UserError(f"calibration source not found: {options.calib}")
+    check_all(num_calib=options.num_calib, num_check=options.num_check)
+    check_calibration_source(options.calib)
+    if options.target_agreement is not None:
+        _check_mixed(options, mode)
     if options.labels is not None and not os.path.isfile(options.labels):
         raise UserError(f"labels file not found: {options.labels}")
     output = options.output or bundle.default_output(model_name(options), mode.name)
-    check_output(output, options.force)
+    check_output(output, options.force, "bundle")
     return mode, io, output
 
 
-def _batch1(model):
-    """The same model with its batch dimension fixed to 1 (static graph, no SHAPE/PACK ops)."""
-    if model.inputs[0].shape[0] == 1:
-        return model
-    config = model.get_config()
-    for layer in config["layers"]:
-        if layer["class_name"] == "InputLayer":
-            shape = layer["config"].get("batch_shape") or layer["config"].get("batch_input_shape")
-            layer["config"]["batch_shape"] = [1, *shape[1:]]
-            layer["config"].pop("batch_input_shape", None)
-    fixed = model.__class__.from_config(config)
-    fixed.set_weights(model.get_weights())
-    return fixed
+def _check_mixed(options: ExportOptions, mode: Mode) -> None:
+    from .mixed import MixedOptions
 
-
-def load_model(options: ExportOptions):
-    """The Keras float model, batch 1."""
-    from ..models import create_model, import_keras, load_model_file
-
-    import_keras()
-    if options.spec is not None:
-        return create_model(options.spec, options.weights, batch_size=1)
-    return _batch1(load_model_file(options.model_path))
+    if not mode.mixed_precision:
+        modes = [m.flag for m in MODES.values() if m.mixed_precision]
+        raise UserError(f"--target-agreement applies to {', '.join(modes)}; {mode.flag} "
+                        + ("runs full int8 only (its report is written all the same)" if mode.name == "edgetpu"
+                           else "has no mixed precision"))
+    if "tflite" not in options.formats or is_onnx(options.model_path):
+        raise UserError("--target-agreement applies to TFLite files converted from a Keras model")
+    MixedOptions(options.target_agreement, options.max_slowdown).validate()
 
 
 def export(options: ExportOptions, echo=None) -> ExportResult:
-    """Export one model in one mode to every requested format; write the checked bundle."""
-    from ..data import calibration_set
+    """Export one model in one mode to every requested format; write the checked bundle.
+
+    For each format: convert -> write -> self-check -> record; then the manifest. The source
+    (sources.py: a Keras spec or file, an ONNX file) knows how to load, convert and describe itself.
+    """
+    import tempfile
+
     from ..fsutil import atomic_dir
-    from .selfcheck import reference_scores, selfcheck
+    from ..model.weights import resolve_weights
+    from .images import SYNTHETIC, export_images
+    from .selfcheck import selfcheck
+    from .sources import open_source
 
     echo = echo or (lambda line: print(line, file=sys.stderr))
     started = time.perf_counter()
     mode, io, output = validate(options)
-    name = model_name(options)
-    if options.model_path is not None and options.model_path.lower().endswith(".onnx"):
-        return export_onnx_model(options, mode, io, output, echo, started)
-    warnings = []
-    if options.spec is not None and options.weights in (None, "", "none"):
-        warnings.append(bundle.RANDOM_WEIGHTS_WARNING)
-    if mode.calibration and options.calib is None:
-        warnings.append(bundle.SYNTHETIC_WARNING)
-
-    model = None
-    if options.spec is not None:
-        resolution = options.spec.resolution
-    else:  # the file says its resolution
+    if options.model_path is not None and not is_onnx(options.model_path):
         echo(f"loading {options.model_path}")
-        model = load_model(options)
-        resolution = int(model.inputs[0].shape[1])
-    count = max(options.num_calib if mode.calibration else 0, options.num_check)
-    images, calib_info = calibration_set(options.calib, resolution, count)
-    check = images[:options.num_check]
-    if model is None:
-        echo(f"building {name} (resolution {resolution}, weights {options.weights or 'none'})")
-        model = load_model(options)
-    num_classes = int(model.outputs[0].shape[-1])
-    labels, labels_source = bundle.bundle_labels(options.labels, num_classes, options.weights, options.model_path)
-    reference = reference_scores(model, check)
-    from .fold import fold_input_normalization  # same function, faster file; imports keras (loaded by now)
+    warnings, weights = [], None
+    if options.spec is not None:
+        resolved, weights = resolve_weights(options.weights, options.spec)
+        options = dataclasses.replace(options, weights=resolved)
+    source = open_source(options)
+    calibration, check, calib_info, check_info, tuning = export_images(
+        options.calib, source.resolution, options.num_calib, options.num_check, mode.calibration,
+        NUM_TUNE if options.target_agreement is not None else 0)
+    if weights is not None and not weights["trained"]:  # said once the input is known to be good
+        warnings.append(bundle.RANDOM_WEIGHTS_WARNING if weights["requested"] != "auto" else
+                        f"RANDOM weights: {weights['source']}; the model's predictions are meaningless")
+        if weights["requested"] == "auto":
+            echo(f"!! WARNING: {warnings[-1]}")
+    elif weights is not None and weights["requested"] == "auto":
+        echo(f"weights: {weights['source']}")
+    if mode.calibration and calib_info["kind"] == SYNTHETIC:
+        warnings.append(bundle.SYNTHETIC_WARNING)
+    elif mode.calibration and options.calib is None:
+        echo(f"calibration: {calib_info['count']} crops of {calib_info['source']} (pass --calib DIR for your data)")
+    source.load(echo, mode)
+    reference = source.reference(check)
+    labels, labels_source = source.labels(options.labels)
 
-    model, rewrite = fold_input_normalization(model) if mode.fold_normalization else (model, None)
-
-    records, paths, corrected_model = [], [], None
-    with atomic_dir(output, options.force) as tmp:
+    records, paths = [], []
+    with atomic_dir(output, options.force) as tmp, tempfile.TemporaryDirectory(prefix="edge-effnet-") as scratch:
         for fmt_name in options.formats:
             fmt = FORMATS[fmt_name]
-            converter = importlib.import_module(fmt.module)
             file_io = fmt.io[0] if fmt.io else io
-            echo(f"converting to {fmt.name} {mode.name}" + (f" ({file_io} in/out)" if file_io != "float32" else ""))
-            extra = {"layout": options.layout, "metadata": {
-                "variant": name, "labels": labels,
-                "preprocessing": options.spec.preprocessing if options.spec else "in the .keras model"}}
-            t0 = time.perf_counter()
-            corrected = fmt_name == "tflite" and mode.calibration and options.weight_correction != "none" \
-                and not calib_info["synthetic"]
-            if corrected and corrected_model is None:
-                from ..quantize import CORRECTIONS, prepare_int8
-
-                echo(f"int8 weights: {CORRECTIONS[options.weight_correction]}, from "
-                     f"{min(len(images), options.num_calib)} calibration images")
-                corrected_model = prepare_int8(model, images[:options.num_calib], options.weight_correction)
-            data = converter.convert(corrected_model if corrected else model, mode, file_io,
-                                     images[:options.num_calib] if mode.calibration else None,
-                                     **{k: v for k, v in extra.items() if k in fmt.options})
-            seconds = time.perf_counter() - t0
-            filename = bundle.model_filename(name, mode.name, fmt.suffix)
+            filename = bundle.model_filename(source.name, mode.name, fmt.suffix)
             path = os.path.join(tmp, filename)
-            with open(path, "wb") as f:
-                f.write(data)
+            t0 = time.perf_counter()
+            inspected = source.write(path, fmt, mode, file_io, calibration if calibration is not None else check,
+                                     not calib_info["synthetic"], labels, echo, tuning=tuning, scratch=scratch)
+            if fmt.suffix == ".tflite":
+                inspected["tflite_metadata"] = _embed_metadata(path, source.name, mode, file_io, labels)
+            seconds = time.perf_counter() - t0
             figures = selfcheck(path, check, reference, _backend_for(options.backend, fmt.suffix), mode.min_cosine,
-                                mode.settings[fmt.name].get("max_abs_diff"))
-            record = _file_record(path, fmt.name, mode, file_io, seconds, converter.inspect(path), figures)
-            record["weight_correction"] = options.weight_correction if corrected else "none"
+                                floor=mode.fidelity_floor if weights and weights["trained"] else None,
+                                enforce_floor=not options.accept_low_fidelity,
+                                **source.check_options(fmt, mode))
+            if figures.get("fidelity_floor", {}).get("failed"):
+                warnings.append(figures["fidelity_floor"]["failed"] + " (kept: --accept-low-fidelity)")
+            record = _file_record(path, fmt.name, mode, file_io, seconds, inspected, figures)
+            if mode.quant_report and fmt.suffix == ".tflite":
+                record["quant_report"] = _quant_report(source, path, scratch, tmp, calibration, calib_info, echo,
+                                                       record.get("mixed_precision"))
             _mode_report(mode, path, tmp, echo, record, warnings)
             records.append(record)
             paths.append(os.path.join(output, filename))
-        calibration = None
-        if mode.calibration:
-            calibration = {**calib_info, "count": min(calib_info["count"], options.num_calib)}
         manifest = bundle.build_manifest(
-            name=name, spec=options.spec, source=options.model_path or "builder", weights=options.weights or "none",
-            resolution=resolution, num_classes=num_classes,
-            mode={"name": mode.name, "description": mode.description, "io": io}, calibration=calibration,
-            files=records, labels=labels, labels_source=labels_source, warnings=warnings,
-            check_images={"source": calib_info["source"], "count": int(len(check)),
-                          "synthetic": calib_info["synthetic"]})
-        manifest["graph_rewrites"] = [rewrite] if rewrite else []
+            **source.manifest(), resolution=source.resolution, num_classes=source.num_classes,
+            mode={"name": mode.name, "description": mode.description, "io": io},
+            calibration=calib_info if mode.calibration else None, files=records, labels=labels,
+            labels_source=labels_source, warnings=warnings, check_images=check_info)
+        manifest["weights"] = {"name": options.weights, **weights} if weights is not None else \
+            {"name": "the model file's own", "requested": None, "trained": None,
+             "source": f"{os.path.abspath(options.model_path)} (whether it was trained is not known)"}
+        source.manifest_extra(manifest)
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
         bundle.write_bundle(tmp, manifest, labels)
     return ExportResult(output=output, manifest=manifest, paths=paths)
+
+
+def _embed_metadata(path: str, name: str, mode: Mode, io: str, labels: list[str] | None) -> dict:
+    """TFLite metadata in the file (export/metadata.py), so MediaPipe Tasks and Android's metadata
+    readers take it as is: raw RGB pixels 0..255 (normalization is in the graph: mean 0, std 1; int8
+    pixels are pixel - 128: mean 128), class scores with labels.txt as their axis labels."""
+    from .. import __version__
+    from .metadata import add_metadata
+
+    mean = 128.0 if io == "int8" else 0.0
+    with open(path, "rb") as f:
+        data = add_metadata(f.read(), name=name, version=__version__, labels=labels, input_min=0, input_max=255,
+                            mean=[mean], std=[1.0],
+                            description=f"{name} image classifier ({mode.name}, {io} in/out), by edge_effnet "
+                                        f"{__version__}; RGB pixels 0..255, normalization inside the graph")
+    with open(path, "wb") as f:
+        f.write(data)
+    record = {"embedded": True, "normalization": {"mean": [mean], "std": [1.0]},
+              "labels": "labels.txt (TENSOR_AXIS_LABELS)" if labels else None}
+    if io not in ("uint8", "float32"):  # MediaPipe Tasks takes uint8 or float32 tensors only
+        record["mediapipe_image_classifier"] = f"no: MediaPipe Tasks takes uint8 or float32 input, not {io}"
+    return record
 
 
 def _file_record(path: str, fmt: str, mode: Mode, io: str, seconds: float, inspected: dict, figures: dict) -> dict:
@@ -231,6 +244,27 @@ def _file_record(path: str, fmt: str, mode: Mode, io: str, seconds: float, inspe
     return record
 
 
+def _quant_report(source, path: str, scratch: str, folder: str, calibration, calib_info: dict, echo,
+                  mixed: dict | None) -> dict:
+    """export/quant_report.py on an exported file against the float file of the same graph, written
+    to the bundle; the manifest keeps its summary."""
+    from . import quant_report
+
+    reference = source.float_reference(scratch)
+    if reference is None:
+        return {"skipped": "no float file of the same graph (onnx2tf conversions)"}
+    echo("quantization report: per-layer error against the float file of the same graph")
+    kind = {"photos": "calibration photo crops", "synthetic": "synthetic calibration images"}
+    report = quant_report.report(path, reference, calibration,
+                                 images_source=kind.get(calib_info["kind"], "calibration images"))
+    report["reference"] = "float32 file of the same graph"
+    report["reference_note"] = "the same graph and weights (before int8 weight correction) converted to float32"
+    if mixed:
+        report["mixed_precision"] = {k: mixed[k] for k in ("float_layers", "float_tensors", "result")}
+    quant_report.write(folder, report)
+    return quant_report.summary(report)
+
+
 def _mode_report(mode: Mode, path: str, folder: str, echo, record: dict, warnings: list[str]) -> None:
     """The mode's extra step on an exported file (--edgetpu: the Edge TPU pre-flight) into its record."""
     if mode.report:
@@ -242,74 +276,9 @@ def _mode_report(mode: Mode, path: str, folder: str, echo, record: dict, warning
 
 def _backend_for(backend: str, suffix: str) -> str:
     """The --backend for the self-check of a `suffix` file: the user's when it runs such files."""
-    from ..backends import BACKEND_TABLE
+    from ..runtime.backends import extension_of
 
-    return backend if BACKEND_TABLE.get(backend, ("",))[0] == suffix else "auto"
-
-
-def export_onnx_model(options: ExportOptions, mode: Mode, io: str, output: str, echo, started: float) -> ExportResult:
-    """`--model FILE.onnx`: an ONNX model made elsewhere -> TFLite through onnx2tf (offline), checked
-    against onnxruntime running the source file, in the same bundle as every export."""
-    from ..data import calibration_set
-    from ..fsutil import atomic_dir
-    from . import onnx2tflite, tflite
-    from .selfcheck import selfcheck
-
-    imported = onnx2tflite.ImportOptions(resolution=options.resolution, normalization=options.normalization, io=io)
-    model = onnx2tflite.load_onnx(options.model_path)
-    source = onnx2tflite.inspect_onnx(options.model_path, imported, model)
-    name = model_name(options)
-    for note in source.notes:
-        echo(f"{options.model_path}: {note}")
-    warnings = [bundle.SYNTHETIC_WARNING] if mode.calibration and options.calib is None else []
-    resolution = source.resolution[0]
-    if source.resolution[1] != resolution:
-        raise UserError(f"{options.model_path}: input is {source.resolution[0]}x{source.resolution[1]}; "
-                        "exports take square images")
-    count = max(options.num_calib if mode.calibration else 0, options.num_check)
-    images, calib_info = calibration_set(options.calib, resolution, count)
-    check = images[:options.num_check]
-    reference = onnx2tflite.source_scores(source, check)
-    num_classes = int(reference.shape[1])
-    if "labels" in source.metadata and not options.labels:  # our own ONNX files carry them
-        import json
-
-        labels, labels_source = json.loads(source.metadata["labels"]), "the ONNX file's metadata"
-    else:
-        labels, labels_source = bundle.bundle_labels(options.labels, num_classes, None, options.model_path)
-    with atomic_dir(output, options.force) as tmp:
-        filename = bundle.model_filename(name, mode.name, ".tflite")
-        path = os.path.join(tmp, filename)
-        echo(f"converting {options.model_path} to tflite {mode.name} with onnx2tf (offline, "
-             f"{len(images[:options.num_calib])} calibration images)")
-        t0 = time.perf_counter()
-        onnx2tflite.convert_onnx(source, model, {mode.name: path}, images[:options.num_calib], imported)
-        seconds = time.perf_counter() - t0
-        # the float limit of ONNX files holds for ONNX -> TFLite too
-        figures = selfcheck(path, check, reference, _backend_for(options.backend, ".tflite"), mode.min_cosine,
-                            mode.settings.get("onnx", {}).get("max_abs_diff"),
-                            against=f"onnxruntime running {os.path.basename(options.model_path)}",
-                            as_probabilities=True)
-        record = _file_record(path, "tflite", mode, io, seconds, {"converter": "onnx2tf", **tflite.inspect(path)},
-                              figures)
-        _mode_report(mode, path, tmp, echo, record, warnings)
-        calibration = {**calib_info, "count": min(calib_info["count"], options.num_calib)} if mode.calibration else None
-        manifest = bundle.build_manifest(
-            name=name, spec=None, source=os.path.abspath(options.model_path), weights="from the ONNX file",
-            resolution=resolution, num_classes=num_classes,
-            mode={"name": mode.name, "description": mode.description, "io": io}, calibration=calibration,
-            files=[record], labels=labels, labels_source=labels_source, warnings=warnings,
-            check_images={"source": calib_info["source"], "count": int(len(check)),
-                          "synthetic": calib_info["synthetic"]})
-        mean, std = NORMALIZATIONS[source.normalization]
-        manifest["preprocessing"]["in_graph_normalization"] = (
-            "as built into the ONNX model (it takes 0..255 pixels)" if source.normalization == "raw" else
-            {"kind": source.normalization, "added_by": "edge_effnet, in front of the ONNX graph",
-             "formula": "(pixel / 255 - mean) / std", "mean": list(mean), "std": list(std)})
-        manifest["onnx_source"] = onnx2tflite.describe(source)
-        manifest["export_seconds"] = round(time.perf_counter() - started, 2)
-        bundle.write_bundle(tmp, manifest, labels)
-    return ExportResult(output=output, manifest=manifest, paths=[os.path.join(output, filename)])
+    return backend if extension_of(backend) == suffix else "auto"
 
 
 def summary(result: ExportResult) -> list[str]:
@@ -327,11 +296,26 @@ def summary(result: ExportResult) -> list[str]:
                      f"cosine {check['cosine_mean']:.4f} (min {check['cosine_min']:.4f})")
         if check.get("top1_note"):
             lines.append(check["top1_note"])
+        if rec.get("quant_report", {}).get("file"):
+            from .quant_report import format_table, load
+
+            lines += format_table(load(result.output)).splitlines()
+        if rec.get("mixed_precision"):
+            lines.append(_mixed_line(rec["mixed_precision"]))
         if rec.get("report", {}).get("summary"):
             lines.append(rec["report"]["summary"])
     lines.append(f"bundle: {result.output}/ (manifest.json" + (", labels.txt" if result.manifest["labels"] else "")
                  + f"), {result.manifest['export_seconds']:.1f} s in all")
     return lines
+
+
+def _mixed_line(m: dict) -> str:
+    r = m["result"]
+    kept = ", ".join(m["float_layers"]) or "nothing"
+    return (f"mixed precision: kept {kept} in float ({len(m['float_tensors'])} ops); top-1 agreement "
+            f"{m['full_int8']['top1_agreement']:.1%} -> {r['top1_agreement']:.1%} on {m['held_out_images']['count']} "
+            f"held-out images (target {m['target_agreement']:.1%}), latency x{r['latency_ratio']:.2f} of full int8; "
+            f"{m['stopped']}")
 
 
 def warning_lines(result_or_warnings) -> list[str]:

@@ -6,7 +6,7 @@ Layout of a bundle folder (e.g. `b1-int8/`):
     labels.txt       one class name per line, when the classes are known
 
 Readers (tools/rpi_classify.py, the benchmarks, other exporters) use read_manifest().
-Standard library only.
+No TensorFlow: standard library and the package's own data modules.
 """
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ import sys
 from .. import __version__
 from ..data import CROP_PADDING
 from ..errors import UserError
-from ..labels import LABELS_FILE as LABELS
-from ..spec import PREPROCESSING, ModelSpec, spec_to_dict
+from ..fsutil import write_json
+from ..model.labels import LABELS_FILE as LABELS
+from ..model.spec import PREPROCESSING, ModelSpec, spec_to_dict
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
@@ -29,15 +30,6 @@ SYNTHETIC_WARNING = ("calibrated on SYNTHETIC images: the accuracy of this model
                      "pass --calib DIR_OR_NPY with a few hundred real images from your domain")
 RANDOM_WEIGHTS_WARNING = ("random weights (--weights none): the model is untrained, its predictions "
                           "are meaningless; use --weights imagenet|PATH or --model FILE.keras")
-
-# Checked with `pip install --dry-run tflite-support` next to tensorflow 2.21: the last release
-# (0.4.4) pins protobuf 3.20 while TensorFlow 2.21 needs protobuf >= 6.31, so the metadata writer
-# cannot run in this stack. Apps read manifest.json + labels.txt instead (README: Android).
-TFLITE_METADATA = {"embedded": False,
-                   "reason": "tflite-support 0.4.4 (last release) needs protobuf 3.20; TensorFlow 2.21 needs "
-                             ">= 6.31: the metadata writer cannot run with this stack. Normalization is in the "
-                             "graph; labels are in labels.txt."}
-
 
 def default_output(name: str, mode: str) -> str:
     """The bundle folder when -o is not given: `<model>-<mode>` in the current folder."""
@@ -96,13 +88,11 @@ def build_manifest(*, name: str, spec: ModelSpec | None, source: str, weights: s
         "source": source,
         "spec": spec_to_dict(spec) if spec is not None else None,
         "weights": weights,
-        "accuracy_known": not warnings,
         "warnings": warnings,
         "num_classes": num_classes,
         "labels": LABELS if labels else None,
         "labels_source": labels_source,
         "preprocessing": preprocessing_record(spec, resolution),
-        "tflite_metadata": TFLITE_METADATA,
         "quantization": mode,
         "calibration": calibration,
         "check_images": check_images,
@@ -114,12 +104,10 @@ def build_manifest(*, name: str, spec: ModelSpec | None, source: str, weights: s
 def write_bundle(folder: str, manifest: dict, labels: list[str] | None) -> None:
     """Write manifest.json and labels.txt into `folder` (the temporary folder of atomic_dir)."""
     if labels:
-        from ..labels import write_labels
+        from ..model.labels import write_labels
 
         write_labels(os.path.join(folder, LABELS), labels)
-    with open(os.path.join(folder, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
+    write_json(os.path.join(folder, MANIFEST), manifest)
 
 
 def bundle_labels(path: str | None, num_classes: int, weights: str | None, model_path: str | None
@@ -129,7 +117,7 @@ def bundle_labels(path: str | None, num_classes: int, weights: str | None, model
     --labels FILE wins; ImageNet weights (or a .keras file with 1000/1001 outputs) give ImageNet's
     names; an untrained model's classes are not known, so it ships no labels.txt.
     """
-    from ..labels import imagenet_labels, read_labels
+    from ..model.labels import imagenet_labels, read_labels
 
     if path:
         labels = read_labels(path)

@@ -20,7 +20,8 @@ import subprocess
 import tempfile
 from functools import lru_cache
 
-from ..tflite_reader import Model, Operator, read_tflite
+from ..fsutil import check_output, write_json
+from ..runtime.tflite_reader import Model, Operator, read_tflite
 
 COMPILER = "edgetpu_compiler"
 COMPILER_TIMEOUT_S = 600
@@ -347,10 +348,9 @@ def run_compiler(path: str, out_dir: str, timeout: int = COMPILER_TIMEOUT_S) -> 
 
 def check(path: str, json_out: str | None = None, force: bool = False, compiler: bool = True) -> dict:
     """`edge-effnet edgetpu-check`: the pre-flight report, plus the compiler's verdict when it is installed."""
-    from ..fsutil import atomic_file, check_output
 
     if json_out:
-        check_output(json_out, force)
+        check_output(json_out, force, ".json")
     report = preflight(path)
     if compiler:
         with tempfile.TemporaryDirectory(prefix="edge-effnet-edgetpu-") as tmp:
@@ -358,9 +358,7 @@ def check(path: str, json_out: str | None = None, force: bool = False, compiler:
         result.pop("output_model", None)  # it was in a temporary folder
         report["compiler"] = result
     if json_out:
-        with atomic_file(json_out) as tmp:
-            with open(tmp, "w") as f:
-                json.dump(report, f, indent=1)
+        write_json(json_out, report)
     return report
 
 
@@ -386,8 +384,7 @@ def bundle_report(path: str, folder: str, echo=print) -> dict:
     compiler.pop("log", None)  # the compiler writes its own <name>_edgetpu.log into the bundle
     report["compiler"] = compiler
     report["file"] = os.path.basename(path)
-    with open(os.path.join(folder, PREFLIGHT_FILE), "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(os.path.join(folder, PREFLIGHT_FILE), report)
     record = {"preflight": PREFLIGHT_FILE, "maps_fully": fully_mapped(report), "ops_total": report["ops_total"],
               "first_unsupported_index": report["first_unsupported_index"],
               "first_unsupported_op": report["first_unsupported_op"],

@@ -23,19 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UserError
-from .formats import NORMALIZATIONS
+from .formats import MODES, NORMALIZATIONS, ONNX2TF_MODES
 
-# The file onnx2tf writes for each mode (names as in edge_effnet.export.formats.MODES), by the
-# quantized file's input/output dtype where that matters; quantized modes need -oiqt (calibration).
-ONNX2TF_FILES = {
-    "fp32": {"float32": "float32"},
-    "fp16": {"float32": "float16"},
-    "dynamic": {"float32": "dynamic_range_quant"},
-    "int8": {"uint8": "full_integer_quant", "int8": "full_integer_quant", "float32": "integer_quant"},
-    "int16x8": {"float32": "integer_quant_with_int16_act", "int16": "full_integer_quant_with_int16_act"},
-    "edgetpu": {"uint8": "full_integer_quant", "int8": "full_integer_quant"},
-}
-CALIBRATED = ("int8", "int16x8", "edgetpu")
 SAMPLE_FILE = "calibration_image_sample_data_20x128x128x3_float32.npy"  # onnx2tf's own name for it
 SAMPLE_SHAPE = (20, 128, 128, 3)
 OFFLINE_PROXY = "http://127.0.0.1:9"  # discard port: any download attempt fails at once
@@ -276,7 +265,7 @@ def run_onnx2tf(prepared_path: str, input_name: str, calibration: np.ndarray, wo
     out = os.path.join(workdir, "out")
     stem = os.path.splitext(os.path.basename(prepared_path))[0]
     cmd = [sys.executable, "-m", "onnx2tf", "-i", prepared_path, "-o", out, "-coton", "denorm", "-v", "warn"]
-    if set(modes) & set(CALIBRATED):
+    if any(MODES[m].calibration for m in modes):  # quantized files need -oiqt and calibration data
         io = options.io if options.io in ("uint8", "int8") else "int8"  # the full-integer files' dtype
         cmd += ["-oiqt", "-qt", "per-channel" if options.per_channel else "per-tensor", "-iqd", io, "-oqd", io,
                 "-cind", input_name, calib, "[[[[0.0, 0.0, 0.0]]]]", f"[[[[{1 / 255!r}, {1 / 255!r}, {1 / 255!r}]]]]"]
@@ -288,7 +277,7 @@ def run_onnx2tf(prepared_path: str, input_name: str, calibration: np.ndarray, wo
         code = subprocess.run(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     files = {}
     for mode in modes:
-        table = ONNX2TF_FILES[mode]
+        table = MODES[mode].onnx2tf
         files[mode] = os.path.join(out, f"{stem}_{table.get(options.io, table.get('float32'))}.tflite")
     missing = [kind for kind, path in files.items() if not os.path.isfile(path)]
     if code != 0 or missing:
@@ -321,10 +310,10 @@ def convert_onnx(source: SourceModel, model, outputs: dict[str, str], calibratio
 
     from ..fsutil import atomic_file
 
-    unknown = [m for m in outputs if m not in ONNX2TF_FILES]
+    unknown = [m for m in outputs if m not in ONNX2TF_MODES]
     if not outputs or unknown:
         raise UserError(f"mode {unknown[0] if unknown else None!r} is not available for ONNX -> TFLite "
-                        f"(choose from {', '.join(ONNX2TF_FILES)})")
+                        f"(choose from {', '.join(ONNX2TF_MODES)})")
     calibration = np.asarray(calibration)
     if calibration.shape[1:3] != source.resolution:
         raise UserError(f"calibration images are {calibration.shape[1]}x{calibration.shape[2]}; "

@@ -7,6 +7,8 @@ run raises CheckFailed (exit code 1).
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..errors import CheckFailed, UserError
@@ -14,7 +16,7 @@ from ..errors import CheckFailed, UserError
 
 def reference_scores(model, images: np.ndarray) -> np.ndarray:
     """The Keras float model's scores for raw pixels (N, H, W, 3), one image at a time (batch 1)."""
-    from ..models import import_keras
+    from ..console import import_keras
 
     import_keras()
     import tensorflow as tf
@@ -26,7 +28,7 @@ def reference_scores(model, images: np.ndarray) -> np.ndarray:
 def agreement(reference: np.ndarray, scores: np.ndarray, k: int = 5) -> dict:
     """evaluate.agreement (top-1 agreement, top-k overlap, KL, per-confidence bins) of two
     (N, classes) score arrays, plus the cosine similarity and largest difference of the raw scores."""
-    from ..evaluate import agreement as follows
+    from ..evaluate.metrics import agreement as follows
 
     reference, scores = np.asarray(reference, np.float64), np.asarray(scores, np.float64)
     if reference.shape != scores.shape:
@@ -36,7 +38,7 @@ def agreement(reference: np.ndarray, scores: np.ndarray, k: int = 5) -> dict:
     norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(scores, axis=1)
     cosine = np.sum(reference * scores, axis=1) / np.maximum(norms, 1e-30)
     figures.update(cosine_mean=float(np.mean(cosine)), cosine_min=float(np.min(cosine)),
-                   max_abs_diff=float(np.max(np.abs(reference - scores))))
+                   worst_image=int(np.argmin(cosine)), max_abs_diff=float(np.max(np.abs(reference - scores))))
     return figures
 
 
@@ -49,9 +51,21 @@ def resolvable(reference: np.ndarray, step: float) -> float:
     return float(np.mean(top2[:, 0] - top2[:, 1] > step))
 
 
+def _below_floor(figures: dict, floor: dict, path: str, against: str) -> str | None:
+    """One line saying how a file falls below its fidelity floor, or None."""
+    name = os.path.basename(path)
+    if figures["cosine_min"] < floor["cosine_min"]:
+        return (f"self-check: {name} is far from {against} on check image {figures['worst_image'] + 1} of "
+                f"{figures['images']}: cosine {figures['cosine_min']:.3f} < {floor['cosine_min']}")
+    if figures["top1_agreement"] < floor["top1_agreement"]:
+        return (f"self-check: {name} agrees with {against} on the top-1 class of {figures['top1_agreement']:.0%} of "
+                f"{figures['images']} check images (floor {floor['top1_agreement']:.0%})")
+    return None
+
+
 def run_file(path: str, images: np.ndarray, backend: str = "auto", num_threads: int = 1):
     """Scores of an exported file on raw pixels, and the runner (for its input/output details)."""
-    from ..models import quiet_output
+    from ..console import quiet_output
     from ..runtime import open_model
 
     try:
@@ -71,13 +85,16 @@ def run_file(path: str, images: np.ndarray, backend: str = "auto", num_threads: 
 
 def selfcheck(path: str, images: np.ndarray, reference: np.ndarray, backend: str = "auto",
               min_cosine: float | None = None, max_abs_diff: float | None = None,
-              against: str = "the Keras model", as_probabilities: bool = False) -> dict:
+              against: str = "the Keras model", as_probabilities: bool = False, floor: dict | None = None,
+              enforce_floor: bool = True) -> dict:
     """Run `path` on `images` and compare with `reference` (the Keras scores); a dict of figures.
 
     as_probabilities: compare both sides as probabilities (logits through a softmax), for a
     reference such as an imported ONNX model's raw outputs. max_abs_diff limits the largest difference.
+    floor (formats.Mode.fidelity_floor): minimum top-1 agreement and worst-image cosine, applied when
+    the reference is informative; below it CheckFailed, or with enforce_floor=False a recorded note.
     """
-    from ..classify import to_probabilities
+    from ..evaluate.metrics import to_probabilities
 
     scores, runner = run_file(path, images, backend)
     if as_probabilities:
@@ -92,6 +109,13 @@ def selfcheck(path: str, images: np.ndarray, reference: np.ndarray, backend: str
             f"top-1 agreement is not informative: on {1 - figures['top1_resolvable']:.0%} of the images the "
             f"reference's top-1 leads its runner-up by less than the output's step ({step:.4f}), so the "
             "classes tie in the file (near-uniform scores: random weights?)")
+    if floor:
+        figures["fidelity_floor"] = {**floor, "applied": figures["top1_resolvable"] >= 0.5}
+        failure = figures["fidelity_floor"]["applied"] and _below_floor(figures, floor, path, against)
+        if failure and enforce_floor:
+            raise CheckFailed(failure + "; pass --accept-low-fidelity to keep the file anyway")
+        if failure:
+            figures["fidelity_floor"]["failed"] = failure
     if min_cosine is not None and figures["cosine_mean"] < min_cosine:
         raise CheckFailed(f"self-check: {path} disagrees with {against} (mean cosine "
                           f"{figures['cosine_mean']:.4f} < {min_cosine}); the conversion is broken")

@@ -32,7 +32,7 @@ def _pixels(images: np.ndarray, i: int) -> np.ndarray:
 
 def representative_images(images: np.ndarray):
     """The representative data set (every calibration image, batch 1), with a progress bar."""
-    from ..data import progress
+    from ..console import progress
 
     def gen():
         with progress(range(len(images)), "calibrating") as bar:
@@ -133,7 +133,33 @@ def frozen_graph(model):
 
 def convert(model, mode: Mode, io: str = "float32", calibration: np.ndarray | None = None) -> bytes:
     """Convert a batch-1 Keras model to a .tflite flatbuffer in `mode` (see formats.MODES)."""
-    from ..models import import_keras, quiet_output
+    return _run_converter(model, mode, io, calibration)
+
+
+def calibrate(model, mode: Mode, io: str, calibration: np.ndarray) -> bytes:
+    """The converter's own calibrate-only output for a full-integer `mode`: the float graph with the
+    measured activation ranges, which its quantization step reads. quantize_calibrated() finishes it
+    as convert() would, as often as needed (export/mixed.py tries several float-op sets)."""
+    return _run_converter(model, mode, io, calibration, calibrate_only=True)
+
+
+def quantize_calibrated(calibrated: bytes, io: str, keep_float: tuple[str, ...] = ()) -> bytes:
+    """The converter's quantization step (its MLIR quantizer, as convert() runs it) on a calibrate()
+    output, with the ops writing the tensors named in `keep_float` left in float: the quantizer
+    puts DEQUANTIZE before and QUANTIZE after them (`denylisted_nodes`, TF 2.21)."""
+    from ..console import quiet_output
+
+    import tensorflow as tf
+    from tensorflow.lite.python import convert as tf_convert
+
+    with warnings.catch_warnings(), quiet_output((1, 2)):
+        warnings.simplefilter("ignore")
+        return tf_convert.mlir_quantize(calibrated, input_data_type=tf.as_dtype(io), output_data_type=tf.as_dtype(io),
+                                        denylisted_nodes=list(keep_float) or None)
+
+
+def _run_converter(model, mode: Mode, io: str, calibration, calibrate_only: bool = False) -> bytes:
+    from ..console import import_keras, quiet_output
 
     import_keras()
     import tensorflow as tf
@@ -144,6 +170,7 @@ def convert(model, mode: Mode, io: str = "float32", calibration: np.ndarray | No
     try:
         converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen_graph(model)])
         _configure(tf, converter, mode, io, calibration)
+        converter._experimental_calibrate_only = calibrate_only
         measured = measured_calibration(calibration) if mode.calibration else contextlib.nullcontext()
         with warnings.catch_warnings(), quiet_output((1, 2)), measured:
             warnings.simplefilter("ignore")
@@ -175,38 +202,19 @@ def _configure(tf, converter, mode: Mode, io: str, calibration) -> None:
 
 
 def inspect(path: str) -> dict:
-    """What the file holds: ops with versions, the minimum runtime the converter recorded,
-    tensor types (and which activations stayed float), dynamic-shape ops."""
-    from ..models import import_keras
+    """What the file holds (read by runtime.tflite_reader): ops with versions, the minimum runtime the
+    converter recorded, tensor types (and which activations stayed float), dynamic-shape ops."""
+    from ..runtime.tflite_reader import read_tflite
 
-    import_keras()
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    with open(path, "rb") as f:
-        buf = f.read()
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(buf, 0))
-    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
-    codes = [(op_names.get(max(c.builtinCode, c.deprecatedBuiltinCode), "CUSTOM"), c.version)
-             for c in model.operatorCodes]
-    graph = model.subgraphs[0]
+    model = read_tflite(path)
     counts: dict[tuple[str, int], int] = {}
-    for op in graph.operators:
-        key = codes[op.opcodeIndex]
-        counts[key] = counts.get(key, 0) + 1
-    metadata = {m.name.decode(): model.buffers[m.buffer].data for m in (model.metadata or [])}
-    min_runtime = metadata.get("min_runtime_version")
-    if min_runtime is not None:
-        min_runtime = bytes(min_runtime).split(b"\0")[0].decode()
+    for op in model.operators:
+        counts[op.op, op.version] = counts.get((op.op, op.version), 0) + 1
     dtypes: dict[str, int] = {}
-    float_activations = []
-    for t in graph.tensors:
-        name = type_names.get(t.type, str(t.type))
-        dtypes[name] = dtypes.get(name, 0) + 1
-        constant = t.buffer and model.buffers[t.buffer].data is not None
-        if name in ("FLOAT32", "FLOAT16") and not constant:
-            float_activations.append(t.name.decode())
+    for t in model.tensors:
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
+    float_activations = [t.name for t in model.tensors if t.dtype in ("FLOAT32", "FLOAT16") and not t.constant]
     ops = [{"op": op, "version": v, "count": n} for (op, v), n in sorted(counts.items())]
-    return {"ops": ops, "num_ops": len(graph.operators), "min_runtime_version": min_runtime,
+    return {"ops": ops, "num_ops": len(model.operators), "min_runtime_version": model.metadata.get("min_runtime_version"),
             "tensor_types": dict(sorted(dtypes.items())), "float_activations": float_activations,
             "dynamic_shape_ops": sorted({o["op"] for o in ops if o["op"] in DYNAMIC_SHAPE_OPS})}
