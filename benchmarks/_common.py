@@ -197,11 +197,9 @@ def machine() -> dict:
 def vector_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
     """The CPU's SIMD flags that decide which XNNPACK / onnxruntime kernels run (AVX2 vs AVX-512 / VNNI:
     int8 speed-ups differ by host more than by anything else), from the first `flags` line."""
-    try:
-        with open(cpuinfo) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), [])
-    except OSError:
-        return []
+    from edge_effnet.runtime import cpu_flags
+
+    flags = cpu_flags(cpuinfo)
     keep = ("avx", "fma", "f16c", "sse4", "vnni", "amx", "asimd", "neon", "sve", "i8mm", "dotprod")  # avx*_vnni: "avx"
     return sorted(f for f in flags if f.startswith(keep))
 

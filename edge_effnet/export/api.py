@@ -187,7 +187,11 @@ def export(options: ExportOptions, echo=None) -> ExportResult:
             figures = selfcheck(path, check, reference, _backend_for(options.backend, fmt.suffix), mode.min_cosine,
                                 floor=mode.fidelity_floor if weights and weights["trained"] else None,
                                 enforce_floor=not options.accept_low_fidelity,
+                                onnx_qdq=fmt.suffix == ".onnx" and bool(mode.settings.get("onnx", {}).get("quantize")),
                                 **source.check_options(fmt, mode))
+            if "this_cpu_int8_kernels" in figures:
+                warnings.append(figures["this_cpu_int8_kernels"]["warning"])
+                echo(f"!! WARNING: {warnings[-1]}")
             if figures.get("fidelity_floor", {}).get("failed"):
                 warnings.append(figures["fidelity_floor"]["failed"] + " (kept: --accept-low-fidelity)")
             record = _file_record(path, fmt.name, mode, file_io, seconds, inspected, figures)

@@ -63,14 +63,15 @@ def _below_floor(figures: dict, floor: dict, path: str, against: str) -> str | N
     return None
 
 
-def run_file(path: str, images: np.ndarray, backend: str = "auto", num_threads: int = 1):
+def run_file(path: str, images: np.ndarray, backend: str = "auto", num_threads: int = 1,
+             reference_qdq: bool = False):
     """Scores of an exported file on raw pixels, and the runner (for its input/output details)."""
     from ..console import quiet_output
     from ..runtime import open_model
 
     try:
         with quiet_output():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
-            runner = open_model(path, backend, num_threads)
+            runner = open_model(path, backend, num_threads, reference_qdq=reference_qdq)
         scores = np.stack([runner.classify(img) for img in images])
     except CheckFailed:
         raise
@@ -86,17 +87,22 @@ def run_file(path: str, images: np.ndarray, backend: str = "auto", num_threads: 
 def selfcheck(path: str, images: np.ndarray, reference: np.ndarray, backend: str = "auto",
               min_cosine: float | None = None, max_abs_diff: float | None = None,
               against: str = "the Keras model", as_probabilities: bool = False, floor: dict | None = None,
-              enforce_floor: bool = True) -> dict:
+              enforce_floor: bool = True, onnx_qdq: bool = False) -> dict:
     """Run `path` on `images` and compare with `reference` (the Keras scores); a dict of figures.
 
     as_probabilities: compare both sides as probabilities (logits through a softmax), for a
     reference such as an imported ONNX model's raw outputs. max_abs_diff limits the largest difference.
     floor (formats.Mode.fidelity_floor): minimum top-1 agreement and worst-image cosine, applied when
     the reference is informative; below it CheckFailed, or with enforce_floor=False a recorded note.
+    onnx_qdq (an int8 QDQ .onnx file): where this CPU's onnxruntime int8 kernels are not exact
+    (runtime.SATURATION_NOTE), the check runs the file's reference arithmetic, which ARM devices and
+    VNNI CPUs compute, and records what this CPU's kernels give under "this_cpu_int8_kernels".
     """
     from ..evaluate.metrics import to_probabilities
+    from ..runtime import SATURATION_NOTE, onnx_int8_exact
 
-    scores, runner = run_file(path, images, backend)
+    reference_qdq = onnx_qdq and not onnx_int8_exact()
+    scores, runner = run_file(path, images, backend, reference_qdq=reference_qdq)
     if as_probabilities:
         reference, scores = to_probabilities(reference), to_probabilities(scores)
     figures = agreement(reference, scores)
@@ -104,6 +110,16 @@ def selfcheck(path: str, images: np.ndarray, reference: np.ndarray, backend: str
                    output=runner.outputs[0])
     step = 0.0 if as_probabilities else (runner.outputs[0].get("scale") or 0.0)
     figures["top1_resolvable"] = resolvable(reference, step)
+    if reference_qdq:
+        fused = agreement(reference, run_file(path, images, backend)[0])
+        figures["checked_with"] = "onnxruntime's reference QDQ arithmetic (its int8 fusions off)"
+        figures["this_cpu_int8_kernels"] = {"exact": False, "why": SATURATION_NOTE,
+                                            **{k: fused[k] for k in ("top1_agreement", "cosine_mean", "cosine_min")}}
+        figures["this_cpu_int8_kernels"]["warning"] = (
+            f"{os.path.basename(path)}: this CPU's onnxruntime int8 kernels (x86 without VNNI) saturate: top-1 "
+            f"{fused['top1_agreement']:.0%}, worst cosine {fused['cosine_min']:.3f} here, against "
+            f"{figures['top1_agreement']:.0%} / {figures['cosine_min']:.3f} as the file is defined (checked so), which "
+            "ARM devices and VNNI CPUs compute")
     if figures["top1_resolvable"] < 0.5:
         figures["top1_note"] = (
             f"top-1 agreement is not informative: on {1 - figures['top1_resolvable']:.0%} of the images the "

@@ -8,6 +8,7 @@ keras at module level here.
 from __future__ import annotations
 
 import os
+import platform
 import re
 
 import numpy as np
@@ -195,8 +196,37 @@ class TFLiteRunner(Runner):
         return self.interpreter.get_tensor(self._out).copy()
 
 
+# onnxruntime's int8 (uint8 x int8) kernels on x86 without VNNI add pairs of products in 16 bits with
+# saturation (vpmaddubsw), so they do not compute what a QDQ file defines: measured on an AVX2 EPYC,
+# Lite0 int8 top-1 88% against 96% for the same file in onnxruntime's reference QDQ arithmetic (its
+# int8 fusions off). ARM and x86 with VNNI accumulate in 32 bits. onnxruntime's own remedy (7-bit
+# weights, reduce_range) lost as much on every CPU (89-90%).
+SATURATION_NOTE = "onnxruntime's int8 kernels on x86 without VNNI saturate 16-bit sums"
+QDQ_FUSIONS = ["QDQSelectorActionTransformer"]  # the onnxruntime optimizer that makes QLinearConv & co.
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags (Linux: the first flags/Features line of /proc/cpuinfo; else empty)."""
+    try:
+        with open(cpuinfo) as f:
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))),
+                            []))
+    except OSError:
+        return set()
+
+
+def onnx_int8_exact(machine: str | None = None, flags: set[str] | None = None) -> bool:
+    """Whether onnxruntime's int8 kernels on this CPU compute int8 QDQ files exactly (SATURATION_NOTE)."""
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    return bool({"avx512_vnni", "avx_vnni"} & (cpu_flags() if flags is None else flags))
+
+
 class OnnxRunner(Runner):
-    def __init__(self, path: str, num_threads: int = 1):
+    def __init__(self, path: str, num_threads: int = 1, reference_qdq: bool = False):
+        """reference_qdq: run int8 QDQ nodes as dequantize -> float op -> quantize (the file's exact
+        arithmetic, slower) instead of onnxruntime's fused int8 kernels."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -208,7 +238,8 @@ class OnnxRunner(Runner):
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"],
+                                                disabled_optimizers=QDQ_FUSIONS if reference_qdq else None)
         except Exception as exc:
             raise _open_error(path, "onnxruntime", exc) from None
         self.inputs = [self._describe(i) for i in self.session.get_inputs()]
@@ -247,8 +278,9 @@ class KerasRunner(Runner):
         return np.asarray(self._fn(x))
 
 
-def open_model(path: str, backend: str = "auto", num_threads: int = 1) -> Runner:
-    """Load `path` (.tflite, .onnx, .keras) in `backend` with `num_threads` threads."""
+def open_model(path: str, backend: str = "auto", num_threads: int = 1, reference_qdq: bool = False) -> Runner:
+    """Load `path` (.tflite, .onnx, .keras) in `backend` with `num_threads` threads (reference_qdq:
+    OnnxRunner)."""
     check_model_file(path)
     from ..limits import check
 
@@ -257,5 +289,5 @@ def open_model(path: str, backend: str = "auto", num_threads: int = 1) -> Runner
     if backend in TFLITE_BACKENDS:
         return TFLiteRunner(path, backend, num_threads)
     if backend == "onnxruntime":
-        return OnnxRunner(path, num_threads)
+        return OnnxRunner(path, num_threads, reference_qdq)
     return KerasRunner(path, num_threads)
