@@ -13,7 +13,7 @@ it gets photo BatchNorm statistics (model.keras_io.data_init) for realistic acti
 holds, its agreement figures do not (such a B0 is chaotic: a float ONNX file that differs from Keras
 only in float rounding already moves its scores by up to 0.3).
 
-    python benchmarks/onnx_int8.py [--models lite0,b0] [--check 300] [--runs 20] [--lock FILE]
+    python benchmarks/onnx_int8.py [--models lite0,b0] [--check 300] [--runs 20] [--aarch64 60] [--lock FILE]
 
 Timing (bench.benchmark: batch 1, one thread, CPU 0, every file of every model interleaved) holds the
 bench lock (--lock or $EDGE_EFFNET_BENCH_LOCK); conversions and profiles do not, and never run
@@ -109,6 +109,21 @@ def profile(path: str, runs: int = 20) -> dict:
     return {op: round(ms, 3) for op, ms in sorted(by_op.items(), key=lambda kv: -kv[1])}
 
 
+def on_aarch64(path: str, images, work: str):
+    """Scores of `path` in onnxruntime on an emulated Raspberry Pi 4 (tools/pi_sysroot.py, Debian 13),
+    and that onnxruntime's version. Emulated: correct arithmetic, no timing."""
+    import numpy as np
+
+    pixels, out = os.path.join(work, "aarch64-in.npy"), os.path.join(work, "aarch64-out.npy")
+    np.save(pixels, images)
+    tool, script = (os.path.join(_common.ROOT, *p) for p in (("tools", "pi_sysroot.py"), ("benchmarks", "_onnx_scores.py")))
+    done = subprocess.run([sys.executable, tool, "--release", "trixie", "run", "--runtime", "onnxruntime", "--",
+                           script, path, pixels, out], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"onnx_int8: emulated aarch64 run failed: {done.stderr.strip().splitlines()[-1:]}")
+    return np.load(out), done.stdout.split()[-1]
+
+
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -119,6 +134,9 @@ def main() -> None:
     parser.add_argument("--check", type=int, default=300, help="held-out photo crops for agreement")
     parser.add_argument("--calib", type=int, default=100, help="calibration crops")
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--aarch64", type=int, default=0, metavar="N",
+                        help="also run the Lite int8 ONNX files on N held-out crops on an emulated aarch64 Pi "
+                             "(tools/pi_sysroot.py: root, network on first use)")
     _common.add_lock_argument(parser)
     parser.add_argument("--out", default=_common.RESULTS, help="folder for onnx_int8.{md,json}")
     args = parser.parse_args()
@@ -170,6 +188,14 @@ def main() -> None:
                     "cosine_vs_float_onnx": round(vs_float["cosine_mean"], 4),
                     "top1_vs_keras": vs_keras["top1_agreement"], "cosine_vs_keras": round(vs_keras["cosine_mean"], 4),
                     "worst_cosine_vs_float_onnx": round(vs_float["cosine_min"], 4)})
+                if label.startswith("int8 onnx") and args.aarch64 and WEIGHTS[variant] == "imagenet":
+                    log(f"{variant}: {label} on emulated aarch64, {args.aarch64} crops")
+                    arm_scores, version = on_aarch64(path, held_out[:args.aarch64], work)
+                    arm = agreement(float_scores[:args.aarch64], arm_scores)
+                    record["rows"][-1]["aarch64"] = {
+                        "images": args.aarch64, "runtime": f"onnxruntime {version}", "cpu": "qemu-aarch64 -cpu cortex-a72",
+                        "top1_vs_float_onnx": arm["top1_agreement"],
+                        "worst_cosine_vs_float_onnx": round(arm["cosine_min"], 4)}
                 if path.endswith(".onnx") and label.startswith("int8") and not record["cpu_int8_exact"]:
                     defined = agreement(float_scores, run_file(path, held_out, reference_qdq=True)[0])
                     record["rows"][-1]["as_defined"] = {"top1_vs_float_onnx": defined["top1_agreement"],
@@ -229,6 +255,14 @@ def markdown(record: dict) -> str:
               "b0 has no real weights here (data_init BatchNorm statistics): its latency holds, its agreement "
               "figures do not (chaotic: float rounding alone moves its scores).", "",
               "## Where the time goes (onnxruntime profiler, ms per run by op type after its fusions, CPU 0)", ""]
+    arm = [r for r in record["rows"] if "aarch64" in r]
+    if arm:
+        lines[-2:-2] = ["The same int8 ONNX files on an emulated Raspberry Pi 4 (tools/pi_sysroot.py, Debian 13, "
+                        "qemu-aarch64 -cpu cortex-a72; onnxruntime's default fused int8 kernels), on the first "
+                        "held-out crops:", ""] + [
+            f"- {r['model']}: {r['aarch64']['runtime']}, {r['aarch64']['images']} crops: top-1 vs float ONNX "
+            f"{r['aarch64']['top1_vs_float_onnx']:.1%}, worst cosine {r['aarch64']['worst_cosine_vs_float_onnx']:.4f}"
+            for r in arm] + [""]
     for name, ops in record["profiles"].items():
         top = ", ".join(f"{op} {ms:.2f}" for op, ms in list(ops.items())[:8])
         lines.append(f"- {name}: {sum(ops.values()):.2f} ms in kernels: {top}")
