@@ -116,7 +116,7 @@ def on_aarch64(path: str, images, work: str):
 
     pixels, out = os.path.join(work, "aarch64-in.npy"), os.path.join(work, "aarch64-out.npy")
     np.save(pixels, images)
-    tool, script = (os.path.join(_common.ROOT, *p) for p in (("tools", "pi_sysroot.py"), ("benchmarks", "_onnx_scores.py")))
+    tool, script = (os.path.join(_common.ROOT, *p) for p in (("tools", "pi_sysroot.py"), ("tools", "onnx_scores.py")))
     done = subprocess.run([sys.executable, tool, "--release", "trixie", "run", "--runtime", "onnxruntime", "--",
                            script, path, pixels, out], capture_output=True, text=True)
     if done.returncode:

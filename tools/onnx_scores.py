@@ -3,7 +3,7 @@ its default optimizations (its fused int8 kernels). benchmarks/onnx_int8.py runs
 aarch64 Raspberry Pi (tools/pi_sysroot.py, trixie, onnxruntime site), where only numpy and onnxruntime
 are installed. Prints onnxruntime's version.
 
-    python benchmarks/_onnx_scores.py MODEL.onnx IMAGES.npy OUT.npy
+    python tools/onnx_scores.py MODEL.onnx IMAGES.npy OUT.npy
 """
 import sys
 
