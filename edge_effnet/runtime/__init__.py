@@ -200,7 +200,7 @@ class TFLiteRunner(Runner):
 # saturation (vpmaddubsw), so they do not compute what a QDQ file defines: measured on an AVX2 EPYC,
 # Lite0 int8 top-1 88% against 96% for the same file in onnxruntime's reference QDQ arithmetic (its
 # int8 fusions off). ARM and x86 with VNNI accumulate in 32 bits. onnxruntime's own remedy (7-bit
-# weights, reduce_range) lost as much on every CPU (89-90%).
+# weights, reduce_range) lost as much on that host, fusions on or off (86-90%).
 SATURATION_NOTE = "onnxruntime's int8 kernels on x86 without VNNI saturate 16-bit sums"
 QDQ_FUSIONS = ["QDQSelectorActionTransformer"]  # the onnxruntime optimizer that makes QLinearConv & co.
 
