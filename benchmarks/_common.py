@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import fcntl
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
@@ -329,3 +330,11 @@ def write_results(name: str, record: dict, markdown: str, provenance: dict, out:
     write_json(os.path.join(out, f"{name}.json"), data)
     write_markdown(name, markdown, provenance, out)
     return data
+
+
+def rewrite_markdown(name: str, markdown, out: str = RESULTS) -> int:
+    """--markdown-only: rewrite NAME.md from the saved NAME.json with `markdown(record)`, run nothing."""
+    with open(os.path.join(out, f"{name}.json")) as f:
+        saved = json.load(f)
+    write_markdown(name, markdown(saved), saved.get("provenance"), out)
+    return 0

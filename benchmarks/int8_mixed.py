@@ -210,10 +210,7 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the .json, run nothing")
     args = parser.parse_args(argv)
     if args.markdown_only:
-        with open(os.path.join(args.out, f"{NAME}.json")) as f:
-            saved = json.load(f)
-        _common.write_markdown(NAME, markdown(saved), saved.get("provenance"), args.out)
-        return 0
+        return _common.rewrite_markdown(NAME, markdown, args.out)
     run = _common.start(argv)
     record = {"settings": {"crops": args.crops, "calibration_crops": args.calib, "calibration_seeds": list(CALIB_SEEDS),
                            "old_draw_seeds": list(OLD_DRAW_SEEDS), "target_agreement": args.target,
